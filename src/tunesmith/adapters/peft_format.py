@@ -206,7 +206,9 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, t
     path = Path(path)
     d = read_adapter_config(path)
     tensors, meta = read_adapter_weights(path)
-    made_for = meta.get("base_model") or d.get("base_model_name_or_path") or "an unrecorded base model"
+    made_for = meta.get("base_model") or d.get("base_model_name_or_path") or "an unnamed base model"
+    if meta.get("base_model_hash"):
+        made_for += f" (weights hash {meta['base_model_hash'][:12]})"
     file = path / WEIGHTS
     adapter_keys: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
