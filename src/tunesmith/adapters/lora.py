@@ -139,12 +139,12 @@ class LoraLayer(AdapterLayer):
                 result = result + (after_a @ self.lora_embedding_B[name].T) * s
                 continue
             dropout = self.lora_dropout[name]
-            h = dropout(x)
+            h = x if isinstance(dropout, nn.Identity) else dropout(x)
             lora_out = self.lora_B[name](self.lora_A[name](h))
             if name in self.lora_magnitude_vector:
-                result = result + self._dora_extra(name, h, lora_out, base_result, isinstance(dropout, nn.Identity))
+                result = result + self._dora_extra(name, h, lora_out, base_result, h is x)
             else:
-                result = result + lora_out * s
+                result = torch.add(result, lora_out, alpha=s)  # one fused kernel for result + s * lora_out
         return result
 
     def _dora_extra(self, name, h, lora_out, base_result, same_input: bool) -> torch.Tensor:
