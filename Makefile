@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) examples/lora_surgery.py
+	rm -rf runs/bbc-lora
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tunesmith train examples/bbc_lora.yaml
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

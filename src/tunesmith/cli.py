@@ -1,0 +1,217 @@
+"""tunesmith command line: train, eval, generate, chat, merge, inspect. Every flag is explained in --help."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG_TRAIN = """\
+overrides: any config field as section.key=value, e.g.
+  tunesmith train examples/bbc_lora.yaml training.lr=1e-3 training.epochs=2 adapter.r=16
+sections: model, adapter, freeze, head, data, objective, training, output (see docs/config.md)
+The run folder (output.dir) gets config.yaml, metrics.jsonl, loss.png, checkpoints/, and adapter/ or model/.
+Ctrl-C saves a checkpoint; `--resume` continues from the latest one to the same result."""
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+    cfg = load_config(args.config, args.overrides)
+    if args.quiet:
+        cfg.output.progress = False
+    try:
+        result = train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    before = result.get("before") or {}
+    keys = ("steps", "first_loss", "final_loss", "eval_loss", "eval_accuracy", "eval_f1", "eval_perplexity", "seconds")
+    print("\n" + "\n".join(f"{k:>16}: {result[k]:.4f}" if isinstance(result.get(k), float) else f"{k:>16}: {result[k]}"
+                           for k in keys if result.get(k) is not None))
+    for k, v in before.items():
+        if k in result:
+            print(f"{k:>16}: {v:.4f} before training -> {result[k]:.4f} after")
+    print(f"{'trainable':>16}: {result['trainable']:,} of {result['total_params']:,} parameters "
+          f"({100 * result['trainable'] / result['total_params']:.2f}%)")
+    print(f"saved {result['saved']}\nloss curve {result['plot']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import prepare_eval
+    from .train import evaluate
+    from .train.artifacts import load_run
+    from .train.setup import choose_objective, peek_format
+    model, tok, cfg, task, labels = load_run(args.run)
+    spec = args.data or cfg.data.eval
+    if not spec:
+        raise SystemExit("no evaluation data: pass --data FILE (the run had no data.eval)")
+    objective = "classification" if task == "classification" else choose_objective(cfg, peek_format(cfg))
+    examples = prepare_eval(spec, tok, cfg.data, objective, labels)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    result = evaluate(model, examples, task, pad, args.batch_size, len(labels) if labels else None)
+    print(json.dumps({"data": spec, "examples": len(examples), **result}, indent=2))
+    return 0
+
+
+def _messages(args, prompt: str) -> list[dict]:
+    msgs = [{"role": "system", "content": args.system}] if args.system else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate, load_generator
+    model, tok = load_generator(args.model)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for p in prompts:
+        if len(prompts) > 1:
+            print(f">>> {p}")
+        reply = generate(model, tok, _messages(args, p), args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                         stream=True)
+        if not reply:
+            print("(empty reply)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .generate import generate, load_generator
+    model, tok = load_generator(args.model)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        print("bot> ", end="", flush=True)
+        reply = generate(model, tok, history, args.max_new_tokens, args.temperature, args.top_p, args.seed, stream=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_merge(args) -> int:
+    from safetensors.torch import save_file
+    from .io import atomic_directory
+    from .train.artifacts import load_run
+    model, tok, cfg, task, labels = load_run(args.run, merge=True)
+    with atomic_directory(Path(args.out)) as tmp:
+        if task == "classification":
+            model.backbone.save_pretrained(tmp)
+            save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
+            (tmp / "labels.json").write_text(json.dumps(labels))
+        else:
+            model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    print(f"merged model written to {args.out} (loads with transformers' from_pretrained"
+          f"{'; the classifier head is head.safetensors, labels in labels.json' if task == 'classification' else ''})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from torch import nn
+    from .adapters.layer import layout_of
+    from .freeze import find_blocks
+    from .models import load_model
+    from .naming import is_head_name
+    task = "causal_lm" if args.task == "causal_lm" else "classification"
+    try:
+        model = load_model(args.model, task, num_labels=2)
+    except Exception:
+        model = load_model(args.model, "classification" if task == "causal_lm" else "causal_lm", num_labels=2)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__}: {total:,} parameters")
+    leaves: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        layout = layout_of(module)
+        if args.all and name:
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+            print(f"  {name:<60} {type(module).__name__:<22} {own:>12,}")
+        if layout and not is_head_name(name):
+            leaves.setdefault(name.split(".")[-1], []).append(f"{type(module).__name__}{tuple(module.weight.shape)}")
+    try:
+        stack, blocks = find_blocks(model)
+        print(f"block stack: {stack} ({len(blocks)} blocks) -> freeze.first_blocks: 0..{len(blocks)}")
+    except Exception:
+        pass
+    print("LoRA targets (adapter.targets), by layer name:")
+    for leaf, kinds in sorted(leaves.items()):
+        print(f"  {leaf:<24} x{len(kinds):<4} {kinds[0]}")
+    linear = sorted(k for k, v in leaves.items() if v[0].startswith(("Linear", "Conv1D")))
+    attn = [k for k in linear if k in ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "c_attn")]
+    print(f"suggested: targets: {attn or linear[:2]}  (attention)  or  targets: all-linear  (every linear layer)")
+    if not args.all:
+        print("(--all lists every module)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained PyTorch models: full, partial, "
+                                "task heads, LoRA/DoRA/IA3 adapters (PEFT format).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune from a YAML config", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fine-tune a model as the YAML config says; overrides change single fields.")
+    t.add_argument("config", nargs="?", help="run config YAML (omit to configure with overrides only)")
+    t.add_argument("overrides", nargs="*", help="section.key=value changes, e.g. training.lr=2e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a finished run", description="Evaluate a run folder on its eval data or --data.")
+    e.add_argument("run", help="run folder (output.dir of `tunesmith train`)")
+    e.add_argument("--data", help="JSONL/CSV file or built-in dataset to evaluate on (default: the run's data.eval)")
+    e.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    e.set_defaults(func=cmd_eval)
+
+    for name, func, desc in (("generate", cmd_generate, "Answer prompts with a fine-tuned LLM, streaming tokens."),
+                             ("chat", cmd_chat, "Chat interactively with a fine-tuned LLM, streaming tokens.")):
+        g = sub.add_parser(name, help=desc.split(",")[0].lower(), description=desc)
+        g.add_argument("model", help="run folder, packaged model name (smollm2-135m-instruct), HF folder or .gguf")
+        if name == "generate":
+            g.add_argument("--prompt", action="append", help="a user message (repeatable; default: one per stdin line)")
+        g.add_argument("--system", help="system message to put first")
+        g.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
+        g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+        g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+        g.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
+        g.set_defaults(func=func)
+
+    m = sub.add_parser("merge", help="adapter + base -> plain model folder",
+                       description="Merge a run's adapter into its base model and write a folder transformers loads.")
+    m.add_argument("run", help="run folder with adapter/")
+    m.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    m.set_defaults(func=cmd_merge)
+
+    i = sub.add_parser("inspect", help="list modules and suggested LoRA targets",
+                       description="Show a model's size, block stack, and the layer names adapters can target.")
+    i.add_argument("model", help="packaged model name, HF folder, or .gguf file")
+    i.add_argument("--task", choices=["causal_lm", "classification"], default="causal_lm",
+                   help="load as a causal LM (default) or as an encoder with a classification head")
+    i.add_argument("--all", action="store_true", help="print every module with its type and parameter count")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from .errors import TunesmithError
+    try:
+        return args.func(args) or 0
+    except TunesmithError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

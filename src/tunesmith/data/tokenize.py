@@ -1,0 +1,86 @@
+"""Turn validated records into token ids and loss labels (-100 = no loss).
+
+Chat: rendered with the model's chat template; only assistant turns are learned (weight 0 turns are
+not). Prompt/completion: loss on the completion only. Text: loss on every token. Classification: ids +
+class index. Examples longer than max_length are truncated or dropped, and counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .formats import DataError, Problem, Record
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    examples: list[dict] = field(default_factory=list)  # {"input_ids", "labels"} or {"input_ids", "label"}
+    truncated: int = 0
+    dropped: int = 0
+    fully_masked: list[str] = field(default_factory=list)  # "file:line" of examples with no label left
+
+
+def _template_ids(tok, messages, add_generation_prompt: bool) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if hasattr(out, "keys") and "input_ids" in out:  # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """ids and labels for a conversation: labels are the ids inside trained assistant turns, else -100."""
+    if not getattr(tok, "chat_template", None):
+        raise DataError([Problem("tokenizer", 0, "chat_template", "this model's tokenizer has no chat template; "
+                                                                  "use prompt/completion or text data instead")])
+    clean = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+    ids = _template_ids(tok, clean, add_generation_prompt=False)
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
+            continue
+        start = len(_template_ids(tok, clean[:i], add_generation_prompt=True)) if i else 0
+        end = len(_template_ids(tok, clean[: i + 1], add_generation_prompt=False))
+        prefix = _template_ids(tok, clean[: i + 1], add_generation_prompt=False)
+        if ids[:end] != prefix:
+            raise DataError([Problem("tokenizer", 0, "chat_template", "the chat template does not render conversations "
+                                                                      "prefix by prefix, so assistant turns cannot be located")])
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def encode_record(tok, rec: Record, fmt: str, label_index: dict | None) -> dict:
+    d = rec.data
+    if fmt == "classification":
+        ids = tok(d["text"], add_special_tokens=True)["input_ids"]
+        return {"input_ids": ids, "label": label_index[d["label"]]}
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if fmt == "chat":
+        ids, labels = encode_chat(tok, d["messages"])
+    elif fmt == "prompt_completion":
+        p = tok(d["prompt"], add_special_tokens=True)["input_ids"]
+        c = tok(d["completion"], add_special_tokens=False)["input_ids"] + eos
+        ids, labels = p + c, [IGNORE] * len(p) + c
+    else:  # text
+        ids = tok(d["text"], add_special_tokens=True)["input_ids"] + eos
+        labels = list(ids)
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_records(tok, records: list[Record], fmt: str, max_length: int, overlong: str = "truncate",
+                   label_index: dict | None = None) -> Encoded:
+    """Tokenize every record, applying the overlong policy and tracking what it cost."""
+    out = Encoded()
+    for rec in records:
+        ex = encode_record(tok, rec, fmt, label_index)
+        if len(ex["input_ids"]) > max_length:
+            if overlong == "drop":
+                out.dropped += 1
+                continue
+            out.truncated += 1
+            ex = {k: (v[:max_length] if isinstance(v, list) else v) for k, v in ex.items()}
+        if "labels" in ex and all(x == IGNORE for x in ex["labels"][1:]):
+            out.fully_masked.append(f"{rec.source}:{rec.line}")
+            continue
+        out.examples.append(ex)
+    return out

@@ -1,0 +1,46 @@
+"""Sampling and chat for fine-tuned causal LMs (a run folder, or any model spec)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_generator(spec: str):
+    """(model, tokenizer) from a run folder (adapter merged for speed) or a model spec."""
+    if (Path(spec) / "config.yaml").exists():
+        from .train.artifacts import load_run
+        model, tok, _, task, _ = load_run(spec, merge=True)
+        if task != "causal_lm":
+            raise SystemExit(f"{spec}: this run trained a classifier; use `tunesmith eval` instead of generate/chat")
+        return model, tok
+    from .models import load_model, load_tokenizer
+    return load_model(spec, "causal_lm").eval(), load_tokenizer(spec)
+
+
+def chat_prompt_ids(tok, messages: list[dict]) -> torch.Tensor:
+    if getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return out["input_ids"]
+    text = "\n".join(m["content"] for m in messages)
+    return tok(text, return_tensors="pt")["input_ids"]
+
+
+def generate(model, tok, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, stream: bool = False) -> str:
+    """Reply to `messages`; greedy when temperature is 0. With stream=True, tokens print as they come."""
+    from transformers import TextStreamer
+    ids = chat_prompt_ids(tok, messages)
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                  attention_mask=torch.ones_like(ids))
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False)
+    if stream:
+        kwargs["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

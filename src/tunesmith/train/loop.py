@@ -1,0 +1,187 @@
+"""The training loop: readable in one sitting. setup -> train -> save, with exact resume.
+
+One optimizer step = `grad_accum` micro-batches. Losses are summed and divided by the label count of the
+whole accumulated batch, so accumulation equals one large batch. Data order is a permutation fixed by
+(seed, epoch), and each checkpoint stores weights, optimizer, scheduler, RNG and step, so a resumed run
+reaches the same final loss as one never interrupted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import RunConfig, dump_config
+from ..errors import ConfigError
+from ..freeze import trainable_summary
+from ..io import atomic_write_text
+from ..objectives import classification_loss_sum, lm_loss_sum
+from ..data.batching import batches_for_epoch, collate
+from .artifacts import save_result
+from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .evaluate import evaluate, forward
+from .metrics import MetricsLog, plot_losses
+from .optim import build_optimizer, build_scheduler
+from .setup import build
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    import yaml
+    old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(dump_config(cfg))
+    for section in ("model", "adapter", "data", "objective", "freeze"):
+        if old.get(section) != new.get(section):
+            raise ConfigError(f"--resume: section '{section}' differs from the run's saved {saved}; "
+                              "resume with the same config (or start a new output.dir)")
+
+
+def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] | None = None, log: Callable = print) -> dict:
+    """Run a fine-tune described by `cfg`. Returns a summary (losses, eval metrics, paths, time)."""
+    run_dir = Path(cfg.output.dir)
+    t = cfg.training
+    checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if checkpoint is not None and not resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose another output.dir")
+    if resume:
+        _check_resume_config(run_dir, cfg)
+        if checkpoint is None:
+            log(f"no checkpoint in {run_dir}/checkpoints; starting from the beginning")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+    start = time.perf_counter()
+    s = build(cfg)
+    model, data, task = s.model, s.data, s.task
+    pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+    for note in data.notes:
+        log(f"data: {note}")
+    summary = trainable_summary(model)
+    log(str(summary))
+
+    batches_per_epoch = math.ceil(len(data.train) / t.batch_size)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
+    opt = build_optimizer(model, t)
+    sched = build_scheduler(opt, total_steps, t)
+    state = {"step": 0, "best_eval": None, "bad_evals": 0}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, opt, sched)
+        log(f"resumed from {checkpoint} (step {state['step']} of {total_steps})")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state["step"] if checkpoint else -1)
+    loss_fn = (lambda lg, b: classification_loss_sum(lg, b["label"], cfg.objective.label_smoothing)) \
+        if task == "classification" else (lambda lg, b: lm_loss_sum(lg, b["labels"]))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if t.bf16 else nullcontext()
+    orders: dict[int, list[list[int]]] = {}
+
+    def micro_batch(micro: int) -> dict[str, torch.Tensor]:
+        epoch, idx = divmod(micro, batches_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = batches_for_epoch(len(data.train), t.batch_size, t.seed, epoch)
+        return collate([data.train[i] for i in orders[epoch][idx]], pad_id)
+
+    def count(b) -> int:
+        return b["label"].numel() if task == "classification" else int((b["labels"][:, 1:] != -100).sum())
+
+    def do_eval(step: int) -> dict:
+        result = evaluate(model, data.eval, task, pad_id, t.eval_batch_size, len(data.labels) if data.labels else None)
+        if result:
+            metrics.write(event="eval", step=step, **result)
+        return result
+
+    def checkpoint_now(rng=None) -> None:
+        save_checkpoint(run_dir / "checkpoints" / f"step-{state['step']}", model, opt, sched, state, rng)
+        prune_checkpoints(run_dir, t.keep_checkpoints)
+
+    before = {}
+    if t.eval_at_start and data.eval and checkpoint is None:
+        before = do_eval(0)
+        log("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
+    model.train()
+    bar = _progress(total_steps, state["step"], cfg.output.progress)
+    window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    last_eval: dict = {}
+    last_eval_step = -1
+    stopped_early = False
+    rng = capture_rng()
+    try:
+        while state["step"] < total_steps:
+            rng = capture_rng()  # the state a resumed run must start this step from
+            step = state["step"]
+            group = [micro_batch(step * t.grad_accum + k) for k in range(t.grad_accum)]
+            n_total = sum(count(b) for b in group)
+            group_loss = 0.0
+            for b in group:
+                with autocast:
+                    loss_sum, _ = loss_fn(forward(model, b, task), b)
+                (loss_sum / max(n_total, 1)).backward()
+                group_loss += float(loss_sum.detach())
+                window_tokens += int(b.get("attention_mask", b["input_ids"].ne(-1)).sum())
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] = step + 1
+            window_loss += group_loss
+            window_count += n_total
+            bar.update(1)
+            if state["step"] % t.log_every == 0 or state["step"] == total_steps:
+                elapsed = time.perf_counter() - window_start
+                rec = {"loss": window_loss / max(window_count, 1), "lr": sched.get_last_lr()[0],
+                       "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                       "epoch": round(state["step"] * t.grad_accum / batches_per_epoch, 3)}
+                metrics.write(event="train", step=state["step"], **rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            epoch_end = (state["step"] * t.grad_accum) // batches_per_epoch > (step * t.grad_accum) // batches_per_epoch
+            if data.eval and ((t.eval_every and state["step"] % t.eval_every == 0) or (not t.eval_every and epoch_end)):
+                last_eval, last_eval_step = do_eval(state["step"]), state["step"]
+                bar.write(f"step {state['step']}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+                if t.early_stopping_patience:
+                    if state["best_eval"] is None or last_eval["eval_loss"] < state["best_eval"]:
+                        state["best_eval"], state["bad_evals"] = last_eval["eval_loss"], 0
+                    else:
+                        state["bad_evals"] += 1
+                        if state["bad_evals"] >= t.early_stopping_patience:
+                            stopped_early = True
+            if t.save_every and state["step"] % t.save_every == 0 and state["step"] < total_steps:
+                checkpoint_now()
+            if on_step is not None:
+                on_step(state["step"])
+            if stopped_early:
+                bar.write(f"early stopping: eval loss has not improved for {t.early_stopping_patience} evaluations")
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        opt.zero_grad(set_to_none=True)  # a half-accumulated step is discarded and redone on resume
+        checkpoint_now(rng)
+        plot_losses(metrics.read(), run_dir / "loss.png", f"{cfg.model.name} (interrupted)")
+        log(f"\ninterrupted at step {state['step']}: checkpoint saved; continue with --resume")
+        raise
+    bar.close()
+
+    if data.eval and last_eval_step != state["step"]:
+        last_eval = do_eval(state["step"])
+    saved = save_result(run_dir, model, s.tokenizer, cfg, task, data.labels)
+    plot = plot_losses(metrics.read(), run_dir / "loss.png", f"{cfg.model.name}: {task}")
+    train_losses = [r["loss"] for r in metrics.read() if r.get("event") == "train"]
+    result = {"steps": state["step"], "total_steps": total_steps, "stopped_early": stopped_early,
+              "first_loss": train_losses[0] if train_losses else None,
+              "final_loss": train_losses[-1] if train_losses else None, **last_eval, "before": before,
+              "trainable": summary.trainable, "total_params": summary.total,
+              "seconds": time.perf_counter() - start, "saved": str(saved), "plot": str(plot) if plot else None,
+              "run_dir": str(run_dir)}
+    atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
+    return result

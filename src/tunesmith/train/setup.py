@@ -1,0 +1,91 @@
+"""From a RunConfig to a ready model, tokenizer and data: the `setup` of setup -> train -> save."""
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import add_adapter
+from ..config import RunConfig
+from ..data import PreparedData, prepare_data
+from ..freeze import freeze, freeze_first_blocks, set_biases_trainable, set_norms_trainable, train_only, unfreeze
+from ..models import load_model, load_tokenizer
+
+
+@dataclass
+class Setup:
+    model: nn.Module
+    tokenizer: object
+    data: PreparedData
+    task: str  # classification | causal_lm
+    objective: str  # classification | sft | causal_lm
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def choose_objective(cfg: RunConfig, fmt: str) -> str:
+    if cfg.objective.type != "auto":
+        return cfg.objective.type
+    return {"classification": "classification", "text": "causal_lm"}.get(fmt, "sft")
+
+
+def peek_format(cfg: RunConfig) -> str:
+    """The data format, read before the model is loaded (the task depends on it)."""
+    from ..data import load_records
+    from ..data.formats import detect_format
+    if cfg.data.format != "auto":
+        return cfg.data.format
+    records, _ = load_records(cfg.data.train)
+    for r in records:
+        fmt = detect_format(r.data)
+        if fmt:
+            return fmt
+    return "text"
+
+
+def apply_freeze(model: nn.Module, cfg: RunConfig) -> None:
+    f = cfg.freeze
+    if f.train_only:
+        train_only(model, f.train_only)
+    if f.first_blocks:
+        freeze_first_blocks(model, f.first_blocks)
+    if f.patterns:
+        freeze(model, f.patterns)
+    if f.train_norms:
+        set_norms_trainable(model, True)
+    if f.train_biases:
+        set_biases_trainable(model, True)
+
+
+def build(cfg: RunConfig, tokenizer=None) -> Setup:
+    """Load tokenizer, data and model; attach the head, adapter and freezing the config asks for."""
+    seed_everything(cfg.training.seed)
+    fmt = peek_format(cfg)
+    objective = choose_objective(cfg, fmt)
+    task = cfg.model.task if cfg.model.task != "auto" else ("classification" if objective == "classification" else "causal_lm")
+    tok = tokenizer or load_tokenizer(cfg.model.name)
+    data = prepare_data(cfg.data, tok, objective, cfg.training.seed)
+    seed_everything(cfg.training.seed)  # the new head's init does not depend on how much data was read
+    model = load_model(cfg.model.name, task, num_labels=len(data.labels) if data.labels else None,
+                       pooling=cfg.head.pooling, head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
+    if cfg.adapter is not None:
+        adapter_cfg = copy.deepcopy(cfg.adapter)
+        if task == "classification" and "head" not in (adapter_cfg.modules_to_save or []):
+            adapter_cfg.modules_to_save = list(adapter_cfg.modules_to_save or []) + ["head"]  # the new head trains too
+        add_adapter(model, adapter_cfg)
+    else:
+        unfreeze(model)
+    apply_freeze(model, cfg)
+    if cfg.training.gradient_checkpointing:
+        hf = getattr(model, "backbone", model)
+        if hasattr(hf, "gradient_checkpointing_enable"):
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(hf, "enable_input_require_grads"):
+                hf.enable_input_require_grads()
+    return Setup(model, tok, data, task, objective)
