@@ -61,3 +61,52 @@ def bert():
 @pytest.fixture
 def gpt2():
     return tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer (and its chat template), saved as a local folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tunesmith.models import load_tokenizer
+    tok = load_tokenizer("smollm2-135m-instruct")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-lm")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory):
+    """A tiny random BERT with the real MiniLM tokenizer, saved as a local folder."""
+    from transformers import BertConfig, BertModel
+    from tunesmith.models import load_tokenizer
+    tok = load_tokenizer("all-minilm-l6-v2")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=512)
+    path = tmp_path_factory.mktemp("tiny-encoder")
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def chat_rows(n: int = 24):
+    topics = ["cats", "tea", "rain", "maps", "jazz", "bread", "chess", "bees"]
+    return [{"messages": [{"role": "user", "content": f"Tell me about {topics[i % 8]} #{i}."},
+                          {"role": "assistant", "content": f"{topics[i % 8].capitalize()} are great, fact {i}."}]}
+            for i in range(n)]
+
+
+def class_rows(n: int = 40):
+    words = {"sport": "match goal team win", "tech": "chip phone software data"}
+    return [{"text": f"{words[lbl]} {i}", "label": lbl} for i in range(n) for lbl in (["sport", "tech"][i % 2],)]

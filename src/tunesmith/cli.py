@@ -17,7 +17,10 @@ Ctrl-C saves a checkpoint; `--resume` continues from the latest one to the same 
 def cmd_train(args) -> int:
     from .config import load_config
     from .train import train
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).exists():  # no YAML file, overrides only
+        config, overrides = None, [config] + overrides
+    cfg = load_config(config, overrides)
     if args.quiet:
         cfg.output.progress = False
     try:

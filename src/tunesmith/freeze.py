@@ -73,9 +73,12 @@ def freeze_first_blocks(model: nn.Module, n: int, include_embeddings: bool = Tru
     for block in blocks[:n]:
         for p in block.parameters():
             p.requires_grad_(False)
-    get_in = getattr(model, "get_input_embeddings", None)
-    if include_embeddings and n > 0 and callable(get_in) and get_in() is not None:
-        for p in get_in().parameters():
+    if include_embeddings and n > 0:
+        # everything registered before the first block: token/position embeddings and their norm
+        first = {id(p) for p in blocks[0].parameters()}
+        for p in model.parameters():
+            if id(p) in first:
+                break
             p.requires_grad_(False)
     return [f"{stack}.{i}" for i in range(n)]
 
