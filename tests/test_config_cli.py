@@ -92,3 +92,33 @@ def test_inspect_suggests_targets(lm_dir, capsys):
     assert main(["inspect", str(lm_dir)]) == 0
     out = capsys.readouterr().out
     assert "model.layers (2 blocks)" in out and "q_proj" in out and "all-linear" in out
+
+
+def test_chat_streams_and_keeps_history(tmp_path, lm_dir):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    run = tmp_path / "run"
+    assert main(["train", f"model.name={lm_dir}", f"data.train={data}", "data.eval_fraction=0", "adapter.kind=lora",
+                 "adapter.targets=[q_proj]", "training.max_steps=1", f"output.dir={run}", "--quiet"]) == 0
+    p = subprocess.run([sys.executable, "-m", "tunesmith.cli", "chat", str(run), "--max-new-tokens", "3"],
+                       input="hello\n/reset\nagain\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("bot> ") == 2 and "you> " in p.stdout
+
+
+def test_missing_model_and_tokenizer_errors(tmp_path, lm_dir):
+    from tunesmith.models import load_tokenizer, resolve_model
+    from tunesmith.models.loading import ModelNotFoundError
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="exists but has no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+    import shutil
+    shutil.copy(lm_dir / "config.json", tmp_path / "empty" / "config.json")
+    with pytest.raises(ModelNotFoundError, match="no usable tokenizer"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_gguf_file_path_uses_the_cache():
+    from tunesmith.models import PACKAGED, resolve_model
+    gguf = PACKAGED["smollm2-135m-instruct"]()
+    folder = resolve_model(str(gguf))
+    assert (folder / "config.json").exists() and any(folder.glob("*.safetensors"))

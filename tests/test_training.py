@@ -161,3 +161,15 @@ def test_freeze_first_blocks_with_head(tmp_path, encoder_dir):
     assert any(n.startswith("backbone.encoder.layer.0.") for n in frozen)
     assert not any(n.startswith("backbone.encoder.layer.1.") for n in frozen)
     assert "backbone.embeddings.word_embeddings.weight" in frozen and "head.weight" not in frozen
+
+
+def test_bf16_checkpointing_and_early_stopping(tmp_path, lm_dir):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    r = train(lm_config(lm_dir, data, tmp_path / "bf16", "training.max_steps=4", "training.bf16=true",
+                        "training.gradient_checkpointing=true"), log=lambda *_: None)
+    assert math.isfinite(r["final_loss"])
+    # lr so large that eval loss rises: patience 1 stops after the second evaluation
+    r = train(lm_config(lm_dir, data, tmp_path / "es", "training.max_steps=40", "training.lr=3.0",
+                        "training.schedule=constant", "data.eval_fraction=0.25", "training.eval_every=2",
+                        "training.early_stopping_patience=1"), log=lambda *_: None)
+    assert r["stopped_early"] and r["steps"] < 40

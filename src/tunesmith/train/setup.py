@@ -84,8 +84,11 @@ def build(cfg: RunConfig, tokenizer=None) -> Setup:
     apply_freeze(model, cfg)
     if cfg.training.gradient_checkpointing:
         hf = getattr(model, "backbone", model)
-        if hasattr(hf, "gradient_checkpointing_enable"):
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(hf, "enable_input_require_grads"):
-                hf.enable_input_require_grads()
+        kwargs = {"use_reentrant": False}
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(hf, "gradient_checkpointing_enable"):
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(hf, "enable_input_require_grads"):
+            hf.enable_input_require_grads()
     return Setup(model, tok, data, task, objective)
