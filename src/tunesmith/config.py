@@ -56,7 +56,7 @@ class DataConfig:
     """train / eval: a JSONL or CSV file, or a built-in dataset ('bbc-news:train', 'bbc-news:test').
     format: auto | chat | prompt_completion | text | classification.
     eval_fraction: held out from train when no eval file is given (seeded).
-    max_examples: train on a seeded sample of this many examples (None: all).
+    max_examples / max_eval_examples: use a seeded sample of this many train / eval examples (None: all).
     overlong: what to do with examples longer than max_length: truncate | drop.
     packing: pack short examples into full rows (LM objectives), attention never crosses examples."""
 
@@ -68,6 +68,7 @@ class DataConfig:
     packing: bool = False
     eval_fraction: float = 0.1
     max_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
     max_errors: int = 20
 
 

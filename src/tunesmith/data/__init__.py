@@ -25,6 +25,15 @@ def load_records(spec: str) -> tuple[list[Record], list[Problem]]:
     return (load_builtin(spec), []) if is_builtin(spec) else read_records(spec)
 
 
+def _sample(records: list[Record], limit: int | None, seed: int, what: str, key: str, notes: list[str]) -> list[Record]:
+    """A seeded sample of `limit` records (in file order), not the first N: files are often sorted by class."""
+    if not limit or len(records) <= limit:
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    notes.append(f"using a seeded sample of {limit} {what} examples (data.{key})")
+    return [records[i] for i in keep]
+
+
 def prepare_data(data_cfg, tok, objective: str, seed: int = 0) -> PreparedData:
     """Read, validate, split, tokenize and (optionally) pack the run's data. All problems at once."""
     train_recs, problems = load_records(data_cfg.train)
@@ -33,16 +42,14 @@ def prepare_data(data_cfg, tok, objective: str, seed: int = 0) -> PreparedData:
     if eval_recs:
         validate(eval_recs, [], fmt, data_cfg.max_errors)
     notes: list[str] = []
-    if data_cfg.max_examples and len(train_recs) > data_cfg.max_examples:  # a seeded sample, not the first N
-        keep = sorted(random.Random(seed).sample(range(len(train_recs)), data_cfg.max_examples))
-        train_recs = [train_recs[i] for i in keep]
-        notes.append(f"using a seeded sample of {data_cfg.max_examples} training examples (data.max_examples)")
+    train_recs = _sample(train_recs, data_cfg.max_examples, seed, "training", "max_examples", notes)
     if not eval_recs and data_cfg.eval_fraction > 0:
         shuffled = list(train_recs)
         random.Random(seed).shuffle(shuffled)
         k = max(1, int(len(shuffled) * data_cfg.eval_fraction))
         eval_recs, train_recs = shuffled[:k], shuffled[k:]
         notes.append(f"held out {k} training examples for evaluation (data.eval_fraction={data_cfg.eval_fraction})")
+    eval_recs = _sample(eval_recs, data_cfg.max_eval_examples, seed, "eval", "max_eval_examples", notes)
     labels, index = None, None
     if fmt == "classification":
         labels = sorted({r.data["label"] for r in train_recs}, key=lambda v: (isinstance(v, str), v))
