@@ -49,6 +49,12 @@ def cmd_eval(args) -> int:
     spec = args.data or cfg.data.eval
     if not spec:
         raise SystemExit("no evaluation data: pass --data FILE (the run had no data.eval)")
+    if tok is None:  # an image classifier
+        from .vision.data import encode_images
+        examples, _ = encode_images(spec, cfg.data.image_size, {v: i for i, v in enumerate(labels)})
+        result = evaluate(model, examples, task, 0, args.batch_size, len(labels))
+        print(json.dumps({"data": spec, "examples": len(examples), **result}, indent=2))
+        return 0
     objective = "classification" if task == "classification" else choose_objective(cfg, peek_format(cfg))
     examples = prepare_eval(spec, tok, cfg.data, objective, labels)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -34,13 +34,16 @@ class ModelConfig:
 @dataclass
 class FreezeConfig:
     """first_blocks: freeze embeddings + the first N blocks. patterns: module names/regex to freeze.
-    train_only: freeze all but these (e.g. [head] for a linear probe). train_norms/train_biases: unfreeze them."""
+    train_only: freeze all but these (e.g. [head] for a linear probe). train_norms/train_biases: unfreeze them.
+    batchnorm: auto (BatchNorm in frozen layers keeps its running statistics: eval mode) | freeze_all (every BN
+    frozen, statistics fixed) | train_all (every BN updates its statistics, as plain model.train())."""
 
     first_blocks: int = 0
     patterns: Optional[list[str]] = None
     train_only: Optional[list[str]] = None
     train_norms: bool = False
     train_biases: bool = False
+    batchnorm: Literal["auto", "freeze_all", "train_all"] = "auto"
 
 
 @dataclass
@@ -58,7 +61,8 @@ class DataConfig:
     eval_fraction: held out from train when no eval file is given (seeded).
     max_examples / max_eval_examples: use a seeded sample of this many train / eval examples (None: all).
     overlong: what to do with examples longer than max_length: truncate | drop.
-    packing: pack short examples into full rows (LM objectives), attention never crosses examples."""
+    packing: pack short examples into full rows (LM objectives), attention never crosses examples.
+    image_size / augment (images): resize to image_size x image_size; none | crop | flip | crop_flip."""
 
     train: str = ""
     eval: Optional[str] = None
@@ -70,6 +74,8 @@ class DataConfig:
     max_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
     max_errors: int = 20
+    image_size: int = 64
+    augment: Literal["none", "crop", "flip", "crop_flip"] = "none"
 
 
 @dataclass

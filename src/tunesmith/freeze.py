@@ -110,6 +110,30 @@ def set_biases_trainable(model: nn.Module, trainable: bool = True) -> int:
     return count
 
 
+def set_train_mode(model: nn.Module, batchnorm: str = "auto") -> nn.Module:
+    """model.train(), except BatchNorm layers whose parameters are all frozen ('auto') or every BatchNorm
+    ('freeze_all') stay in eval mode, so frozen layers keep their pretrained running statistics."""
+    model.train()
+    if batchnorm == "train_all":
+        return model
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if batchnorm == "freeze_all" or not any(p.requires_grad for p in m.parameters(recurse=False)):
+                m.eval()
+    return model
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Freeze every BatchNorm's affine parameters (use with set_train_mode(..., 'freeze_all'))."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+                count += 1
+    return count
+
+
 @dataclass
 class ParamSummary:
     """Trainable vs frozen parameters, in total and by module group."""

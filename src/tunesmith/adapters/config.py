@@ -28,7 +28,7 @@ class AdapterTargets:
 
     targets: a list of module names (exact, or matching the end of a dotted name: 'q_proj' matches
         'model.layers.0.self_attn.q_proj'), a regex string matched against the full name, or 'all-linear'
-        (every Linear / GPT-2 Conv1D except the output head).
+        (every Linear / GPT-2 Conv1D except the output head), or 'all-conv' (every non-grouped Conv layer).
     exclude: names (list, same rules) or a regex string of modules never to wrap.
     layers_to_transform: only wrap modules inside these block indices (e.g. [10, 11]).
     layers_pattern: the name of the block list (e.g. 'layers', 'h'); guessed when None.

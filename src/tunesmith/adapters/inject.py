@@ -3,7 +3,7 @@
 Matching follows PEFT so configs carry over: a list entry matches a module whose name equals it or
 ends with '.' + entry; a plain string is a regex matched against the whole name; 'all-linear' is every
 Linear / GPT-2 Conv1D except the output head. A target that matches nothing is an error naming the
-closest module names that exist.
+closest module names that exist. 'all-conv' is every non-grouped Conv layer (depthwise convs are skipped).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .config import AdapterConfig, IA3Config, LoraConfig
 from .ia3 import IA3Layer
 from .layer import AdapterLayer, layout_of
 from .lora import LoraLayer
-from .merge import GPT2_CONV1D, LINEAR
+from .merge import CONV, GPT2_CONV1D, LINEAR
 
 LAYER_CLASSES: dict[str, type[AdapterLayer]] = {"lora": LoraLayer, "ia3": IA3Layer, "bottleneck": BottleneckLayer}
 COMMON_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer")
@@ -120,6 +120,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         chosen = [n for n in wrappable if layout_of(base_of(modules[n])) in (LINEAR, GPT2_CONV1D) and n not in heads]
         if not chosen:
             raise TargetNotFoundError("targets='all-linear' found no Linear layers outside the output head")
+    elif targets == "all-conv" or targets == ["all-conv"]:
+        chosen = [n for n in wrappable if layout_of(base_of(modules[n])) == CONV and base_of(modules[n]).groups == 1]
+        if not chosen:
+            raise TargetNotFoundError("targets='all-conv' found no (non-grouped) Conv layers in this model")
     elif isinstance(targets, str):
         chosen = [n for n in wrappable if re.fullmatch(targets, n)]
         if not chosen:

@@ -40,19 +40,21 @@ def base_model_name(model: nn.Module) -> str | None:
 
 
 def base_model_hash(model: nn.Module) -> str | None:
-    """sha256 over the base weights (names, shapes, bytes); None while adapters are merged into them."""
+    """sha256 over the base weights (names, shapes, bytes), leaving out adapters and the modules they train
+    in full (a new head); None while adapters are merged into the weights."""
     layers = dict(adapter_layers(model))
     if any(layer.merged_adapters for layer in layers.values()):
         return None
     internal = tuple(f"{n}.{part}" for n, layer in layers.items() for part in
                      {k.split(".")[0] for k, _ in layer.named_parameters()} - {"base_layer"})
+    internal += tuple(f"{name}." for cfg in adapter_configs(model).values() for name, _ in named_modules_to_save(model, cfg))
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         if name.startswith(internal):
             continue
         name = name.replace(".base_layer.", ".")
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

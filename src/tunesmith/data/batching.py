@@ -12,6 +12,9 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     Packed rows (with position_ids) get no attention_mask: the padding tail becomes its own segment,
     its positions restart at 0 and its labels are ignored.
     """
+    if "pixel_values" in examples[0]:
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "label": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     batch: dict[str, torch.Tensor] = {}

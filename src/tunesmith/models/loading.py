@@ -45,6 +45,28 @@ PACKAGED: dict[str, Callable[[], Path]] = {
     "smollm2-135m-instruct": _smollm2,
     "all-minilm-l6-v2": _minilm,
 }
+VISION = ("mobilenet-v2-imagenet",)
+VISION_MARKER = "tunesmith_model.json"  # a saved tunesmith vision model: architecture + classes
+
+
+def is_vision_model(spec: str) -> bool:
+    return spec in VISION or (Path(spec) / VISION_MARKER).exists()
+
+
+def load_vision_model(spec: str, num_labels: int | None):
+    """MobileNetV2 with ImageNet weights (packaged name) or a saved fine-tuned one (folder)."""
+    import json
+    from safetensors.torch import load_file
+    from ..vision.mobilenet import MobileNetV2, load_mobilenet_v2
+    if spec in VISION:
+        return load_mobilenet_v2(num_labels)
+    meta = json.loads((Path(spec) / VISION_MARKER).read_text())
+    if meta.get("arch") != "mobilenet_v2":
+        raise ModelNotFoundError(f"{spec}: unknown vision architecture {meta.get('arch')!r}")
+    model = MobileNetV2(num_classes=meta["num_classes"])
+    model.load_state_dict(load_file(str(Path(spec) / "model.safetensors")), strict=True)
+    model.name_or_path = str(spec)
+    return model
 
 
 def _convert_gguf(gguf: Path, name: str) -> Path:
@@ -69,6 +91,8 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
 
 def resolve_model(spec: str) -> Path:
     """A local transformers folder for `spec`, converting GGUF on first use."""
+    if spec in VISION:
+        raise ModelNotFoundError(f"{spec!r} is a vision model: it has no transformers folder or tokenizer")
     if spec in PACKAGED:
         path = PACKAGED[spec]()
         if not path.exists():
@@ -79,7 +103,7 @@ def resolve_model(spec: str) -> Path:
         return _convert_gguf(path, path.stem.lower())
     if path.is_dir() and (path / "config.json").exists():
         return path
-    looked = [f"a packaged name ({', '.join(PACKAGED)})", f"a folder with config.json at {path}", "a .gguf file"]
+    looked = [f"a packaged name ({', '.join([*PACKAGED, *VISION])})", f"a folder with config.json at {path}", "a .gguf file"]
     extra = ""
     if path.is_dir():
         extra = f" {path} exists but has no config.json (files: {', '.join(sorted(p.name for p in path.iterdir())[:8])})."
@@ -115,6 +139,10 @@ def load_model(spec: str, task: str, num_labels: int | None = None, pooling: str
 
     from ..heads import TaskModel
     quiet_transformers()
+    if is_vision_model(spec):
+        if task != "classification":
+            raise TunesmithError(f"{spec} is an image classifier; task must be classification")
+        return load_vision_model(spec, num_labels)
     path = resolve_model(spec)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if task == "causal_lm":

@@ -12,7 +12,8 @@ from ..adapters import load_adapter, save_adapter
 from ..config import RunConfig, load_config
 from ..errors import TunesmithError
 from ..io import atomic_directory, atomic_write_text
-from ..models import load_model, load_tokenizer
+from ..models import is_vision_model, load_model, load_tokenizer
+from ..models.loading import VISION_MARKER
 
 
 def save_result(run_dir: Path, model: nn.Module, tokenizer, cfg: RunConfig, task: str, labels: list | None) -> Path:
@@ -23,6 +24,10 @@ def save_result(run_dir: Path, model: nn.Module, tokenizer, cfg: RunConfig, task
         return save_adapter(model, run_dir / "adapter", metadata={"task": task})
     target = run_dir / "model"
     with atomic_directory(target) as tmp:
+        if tokenizer is None:  # a tunesmith vision model: weights + architecture
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+            atomic_write_text(tmp / VISION_MARKER, json.dumps({"arch": "mobilenet_v2", "num_classes": len(labels)}))
+            return target
         if task == "classification":
             model.backbone.save_pretrained(tmp)
             save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
@@ -40,7 +45,7 @@ def load_run(run_dir: str | Path, merge: bool = False):
     cfg = load_config(run_dir / "config.yaml")
     labels = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").exists() else None
     task = "classification" if labels is not None else "causal_lm"
-    tok = load_tokenizer(cfg.model.name)
+    tok = None if is_vision_model(cfg.model.name) else load_tokenizer(cfg.model.name)
     if (run_dir / "adapter").exists():
         model = load_model(cfg.model.name, task, num_labels=len(labels) if labels else None,
                            pooling=cfg.head.pooling, head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
@@ -51,7 +56,7 @@ def load_run(run_dir: str | Path, merge: bool = False):
     elif (run_dir / "model").exists():
         model = load_model(str(run_dir / "model"), task, num_labels=len(labels) if labels else None,
                            pooling=cfg.head.pooling, head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
-        if task == "classification":
+        if task == "classification" and tok is not None:
             model.head.load_state_dict(load_file(str(run_dir / "model" / "head.safetensors")))
     else:
         raise TunesmithError(f"{run_dir}: the run has no adapter/ or model/ folder yet (did it finish? resume it with --resume)")

@@ -12,6 +12,8 @@ from ..objectives import classification_loss_sum, lm_loss_sum, lm_token_correct,
 
 def forward(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """Logits for a collated batch (labels are not passed: losses are computed by tunesmith)."""
+    if "pixel_values" in batch:
+        return model(batch["pixel_values"])
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     if task == "classification":
         return model(**inputs)

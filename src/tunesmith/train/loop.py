@@ -18,10 +18,11 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..errors import ConfigError
-from ..freeze import trainable_summary
+from ..freeze import set_train_mode, trainable_summary
 from ..io import atomic_write_text
 from ..objectives import classification_loss_sum, lm_loss_sum
 from ..data.batching import batches_for_epoch, collate
+from ..vision.data import augment
 from .artifacts import save_result
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .evaluate import evaluate, forward
@@ -64,7 +65,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
     start = time.perf_counter()
     s = build(cfg)
     model, data, task = s.model, s.data, s.task
-    pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+    pad_id = getattr(s.tokenizer, "pad_token_id", None) or 0
     for note in data.notes:
         log(f"data: {note}")
     summary = trainable_summary(model)
@@ -89,13 +90,26 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
         if epoch not in orders:
             orders.clear()
             orders[epoch] = batches_for_epoch(len(data.train), t.batch_size, t.seed, epoch)
-        return collate([data.train[i] for i in orders[epoch][idx]], pad_id)
+        batch = collate([data.train[i] for i in orders[epoch][idx]], pad_id)
+        if "pixel_values" in batch and cfg.data.augment != "none":  # seeded by position: resume sees the same
+            g = torch.Generator().manual_seed(t.seed * 1_000_003 + micro)
+            batch["pixel_values"] = augment(batch["pixel_values"], cfg.data.augment, g)
+        return batch
+
+    unit_name = "images_per_s" if data.fmt == "image" else "tokens_per_s"
+
+    def units(b) -> int:
+        """Throughput units in a batch: images, or real (non-padding) tokens."""
+        if "pixel_values" in b:
+            return b["pixel_values"].shape[0]
+        return int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
 
     def count(b) -> int:
         return b["label"].numel() if task == "classification" else int((b["labels"][:, 1:] != -100).sum())
 
     def do_eval(step: int) -> dict:
         result = evaluate(model, data.eval, task, pad_id, t.eval_batch_size, len(data.labels) if data.labels else None)
+        set_train_mode(model, cfg.freeze.batchnorm)
         if result:
             metrics.write(event="eval", step=step, **result)
         return result
@@ -108,7 +122,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
     if t.eval_at_start and data.eval and checkpoint is None:
         before = do_eval(0)
         log("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
-    model.train()
+    set_train_mode(model, cfg.freeze.batchnorm)
     bar = _progress(total_steps, state["step"], cfg.output.progress)
     window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     last_eval: dict = {}
@@ -127,7 +141,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
                     loss_sum, _ = loss_fn(forward(model, b, task), b)
                 (loss_sum / max(n_total, 1)).backward()
                 group_loss += float(loss_sum.detach())
-                window_tokens += int(b.get("attention_mask", b["input_ids"].ne(-1)).sum())
+                window_tokens += units(b)
             if t.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
             opt.step()
@@ -140,10 +154,10 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
             if state["step"] % t.log_every == 0 or state["step"] == total_steps:
                 elapsed = time.perf_counter() - window_start
                 rec = {"loss": window_loss / max(window_count, 1), "lr": sched.get_last_lr()[0],
-                       "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                       unit_name: window_tokens / max(elapsed, 1e-9),
                        "epoch": round(state["step"] * t.grad_accum / batches_per_epoch, 3)}
                 metrics.write(event="train", step=state["step"], **rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix({"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", unit_name: f"{rec[unit_name]:.0f}"})
                 window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             epoch_end = (state["step"] * t.grad_accum) // batches_per_epoch > (step * t.grad_accum) // batches_per_epoch
             if data.eval and ((t.eval_every and state["step"] % t.eval_every == 0) or (not t.eval_every and epoch_end)):

@@ -29,7 +29,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, loraplus_rati
 
 
 def build_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
-    groups = param_groups(model, t.lr, t.weight_decay, t.loraplus_ratio, t.head_lr)
+    head = getattr(model, "head_name", "head") + "."
+    groups = param_groups(model, t.lr, t.weight_decay, t.loraplus_ratio, t.head_lr, head_names=(head,))
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen (check adapter / freeze settings)")
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)

@@ -11,8 +11,10 @@ from torch import nn
 from ..adapters import add_adapter
 from ..config import RunConfig
 from ..data import PreparedData, prepare_data
-from ..freeze import freeze, freeze_first_blocks, set_biases_trainable, set_norms_trainable, train_only, unfreeze
-from ..models import load_model, load_tokenizer
+from ..freeze import (
+    freeze, freeze_batchnorm, freeze_first_blocks, set_biases_trainable, set_norms_trainable, train_only, unfreeze,
+)
+from ..models import is_vision_model, load_model, load_tokenizer
 
 
 @dataclass
@@ -49,6 +51,27 @@ def peek_format(cfg: RunConfig) -> str:
     return "text"
 
 
+def attach_trainables(model: nn.Module, cfg: RunConfig, task: str) -> None:
+    """The adapter (with the new head in modules_to_save) or full training, then the freeze options."""
+    if cfg.adapter is not None:
+        adapter_cfg = copy.deepcopy(cfg.adapter)
+        head = getattr(model, "head_name", "head")
+        if task == "classification" and head not in (adapter_cfg.modules_to_save or []):
+            adapter_cfg.modules_to_save = list(adapter_cfg.modules_to_save or []) + [head]  # the new head trains too
+        add_adapter(model, adapter_cfg)
+    else:
+        unfreeze(model)
+    apply_freeze(model, cfg)
+
+
+def _build_vision(cfg: RunConfig) -> Setup:
+    data = prepare_image_data(cfg)
+    seed_everything(cfg.training.seed)
+    model = load_model(cfg.model.name, "classification", num_labels=len(data.labels))
+    attach_trainables(model, cfg, "classification")
+    return Setup(model, None, data, "classification", "classification")
+
+
 def apply_freeze(model: nn.Module, cfg: RunConfig) -> None:
     f = cfg.freeze
     if f.train_only:
@@ -61,11 +84,38 @@ def apply_freeze(model: nn.Module, cfg: RunConfig) -> None:
         set_norms_trainable(model, True)
     if f.train_biases:
         set_biases_trainable(model, True)
+    if f.batchnorm == "freeze_all":
+        freeze_batchnorm(model)
+
+
+def prepare_image_data(cfg: RunConfig) -> PreparedData:
+    from ..vision.data import encode_images
+    d = cfg.data
+    train, labels = encode_images(d.train, d.image_size)
+    notes = [f"{len(train)} training images, {len(labels)} classes, resized to {d.image_size}x{d.image_size}"]
+    if d.eval:
+        evals, _ = encode_images(d.eval, d.image_size, {v: i for i, v in enumerate(labels)})
+    else:
+        order = list(range(len(train)))
+        random.Random(cfg.training.seed).shuffle(order)
+        k = max(1, int(len(train) * d.eval_fraction)) if d.eval_fraction > 0 else 0
+        evals, train = [train[i] for i in order[:k]], [train[i] for i in sorted(order[k:])]
+        notes.append(f"held out {k} training images for evaluation (data.eval_fraction={d.eval_fraction})")
+    for name, limit in (("train", d.max_examples), ("eval", d.max_eval_examples)):
+        items = train if name == "train" else evals
+        if limit and len(items) > limit:
+            keep = sorted(random.Random(cfg.training.seed).sample(range(len(items)), limit))
+            items = [items[i] for i in keep]
+            notes.append(f"using a seeded sample of {limit} {name} images")
+            train, evals = (items, evals) if name == "train" else (train, items)
+    return PreparedData("image", train, evals, labels, notes)
 
 
 def build(cfg: RunConfig, tokenizer=None) -> Setup:
     """Load tokenizer, data and model; attach the head, adapter and freezing the config asks for."""
     seed_everything(cfg.training.seed)
+    if is_vision_model(cfg.model.name):
+        return _build_vision(cfg)
     fmt = peek_format(cfg)
     objective = choose_objective(cfg, fmt)
     task = cfg.model.task if cfg.model.task != "auto" else ("classification" if objective == "classification" else "causal_lm")
@@ -74,14 +124,7 @@ def build(cfg: RunConfig, tokenizer=None) -> Setup:
     seed_everything(cfg.training.seed)  # the new head's init does not depend on how much data was read
     model = load_model(cfg.model.name, task, num_labels=len(data.labels) if data.labels else None,
                        pooling=cfg.head.pooling, head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
-    if cfg.adapter is not None:
-        adapter_cfg = copy.deepcopy(cfg.adapter)
-        if task == "classification" and "head" not in (adapter_cfg.modules_to_save or []):
-            adapter_cfg.modules_to_save = list(adapter_cfg.modules_to_save or []) + ["head"]  # the new head trains too
-        add_adapter(model, adapter_cfg)
-    else:
-        unfreeze(model)
-    apply_freeze(model, cfg)
+    attach_trainables(model, cfg, task)
     if cfg.training.gradient_checkpointing:
         hf = getattr(model, "backbone", model)
         kwargs = {"use_reentrant": False}
