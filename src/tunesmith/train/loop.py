@@ -129,8 +129,10 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
     last_eval_step = -1
     stopped_early = False
     rng = capture_rng()
+    train_seconds = 0.0  # optimizer steps only: no evaluation, checkpoints or setup
     try:
         while state["step"] < total_steps:
+            step_start = time.perf_counter()
             rng = capture_rng()  # the state a resumed run must start this step from
             step = state["step"]
             group = [micro_batch(step * t.grad_accum + k) for k in range(t.grad_accum)]
@@ -148,6 +150,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
             sched.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = step + 1
+            train_seconds += time.perf_counter() - step_start
             window_loss += group_loss
             window_count += n_total
             bar.update(1)
@@ -195,7 +198,8 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
               "first_loss": train_losses[0] if train_losses else None,
               "final_loss": train_losses[-1] if train_losses else None, **last_eval, "before": before,
               "trainable": summary.trainable, "total_params": summary.total,
-              "seconds": time.perf_counter() - start, "saved": str(saved), "plot": str(plot) if plot else None,
+              "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
+              "epochs": state["step"] * t.grad_accum / batches_per_epoch, "saved": str(saved), "plot": str(plot) if plot else None,
               "run_dir": str(run_dir)}
     atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))
     return result
