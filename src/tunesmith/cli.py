@@ -1,4 +1,4 @@
-"""tunesmith command line: train, eval, generate, chat, merge, inspect. Every flag is explained in --help."""
+"""tunesmith command line: train, eval, generate, chat, merge, interpolate, inspect. Every flag is explained in --help."""
 from __future__ import annotations
 
 import argparse
@@ -161,6 +161,30 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_interpolate(args) -> int:
+    from .errors import TunesmithError
+    from .interpolate import parse_alphas
+    from .wise_ft import run_sweep
+    evals = {}
+    for item in args.eval or []:
+        if "=" not in item:
+            raise TunesmithError(f"--eval {item!r}: expected NAME=DATA, e.g. --eval ood=digits:all")
+        name, spec = item.split("=", 1)
+        evals[name] = spec
+    result = run_sweep(args.finetuned, parse_alphas(args.alphas), evals, select=args.select, out=args.out,
+                       save=args.save, missing=args.missing, batch_size=args.batch_size)
+    rows, names = result["rows"], list(evals)
+    metric = "accuracy" if any(f"{names[0]}_accuracy" in r for r in rows) else "loss"
+    print("\n  alpha  " + "  ".join(f"{n + ' ' + metric:>16}" for n in names))
+    for r in rows:
+        mark = "  <- chosen" if r["alpha"] == result["best_alpha"] else ""
+        print(f"  {r['alpha']:5.2f}  " + "  ".join(f"{r[f'{n}_{metric}']:16.4f}" for n in names) + mark)
+    print(f"\nchosen alpha {result['best_alpha']:g} (--select {args.select}); table {result['csv']}; plot {result['plot']}")
+    if result.get("saved"):
+        print(f"model at alpha {result['best_alpha']:g} saved to {result['saved']} (a run folder: tunesmith eval/merge read it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained PyTorch models: full, partial, "
                                 "task heads, LoRA/DoRA/IA3 adapters (PEFT format).")
@@ -199,6 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run", help="run folder with adapter/")
     m.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     m.set_defaults(func=cmd_merge)
+
+    w = sub.add_parser("interpolate", help="WiSE-FT: sweep fine-tuned <-> original weights",
+                       description="Evaluate theta(alpha) = (1-alpha) theta_0 + alpha theta_1 for each alpha on each eval "
+                                   "set; theta_0 is the pretrained base (with the run's linear-probe head), theta_1 the "
+                                   "fine-tuned run. Writes interpolation.csv and interpolation.png.")
+    w.add_argument("--finetuned", required=True, help="the fine-tuned run folder (full fine-tune or LoRA)")
+    w.add_argument("--alphas", default="0:1:0.1", help="start:stop:step or a comma list (default 0:1:0.1)")
+    w.add_argument("--eval", action="append", metavar="NAME=DATA",
+                   help="an evaluation set, repeatable: e.g. --eval id=mnist:test --eval ood=digits:all")
+    w.add_argument("--select", default="mean",
+                   help="which alpha to save: 'mean' (best average over the sets), an eval NAME, or a number")
+    w.add_argument("--save", help="write the model at the chosen alpha to this folder (a loadable run folder)")
+    w.add_argument("--out", help="folder for CSV/PNG/JSON (default FINETUNED/interpolation)")
+    w.add_argument("--missing", choices=["error", "finetuned"], default="error",
+                   help="a new head without a probe head: error (default) or keep the fine-tuned head at every alpha")
+    w.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    w.set_defaults(func=cmd_interpolate)
 
     i = sub.add_parser("inspect", help="list modules and suggested LoRA targets",
                        description="Show a model's size, block stack, and the layer names adapters can target.")

@@ -95,6 +95,8 @@ class TrainingConfig:
     schedule: cosine | linear | constant after warmup_steps (or warmup_ratio of all steps).
     max_grad_norm: gradient clipping (None: off). bf16: bfloat16 autocast. gradient_checkpointing: less memory.
     eval_every: steps between evaluations (0: at each epoch end); eval_at_start: measure before training too.
+    linear_probe_epochs: LP-FT; first train only the new head on frozen features for this many epochs (saved as
+    probe_head.safetensors: theta_0's head for WiSE-FT), then fine-tune as configured.
     save_every: steps between checkpoints; keep_checkpoints: how many to keep.
     early_stopping_patience: stop after this many evaluations without a lower eval loss (0: off).
     """
@@ -115,6 +117,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     eval_every: int = 0
     eval_at_start: bool = False
+    linear_probe_epochs: float = 0.0
     save_every: int = 50
     keep_checkpoints: int = 2
     early_stopping_patience: int = 0

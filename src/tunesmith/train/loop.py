@@ -28,6 +28,7 @@ from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, prune_c
 from .evaluate import evaluate, forward
 from .metrics import MetricsLog, plot_losses
 from .optim import build_optimizer, build_scheduler
+from .probe import linear_probe
 from .setup import build
 
 
@@ -118,6 +119,15 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
         save_checkpoint(run_dir / "checkpoints" / f"step-{state['step']}", model, opt, sched, state, rng)
         prune_checkpoints(run_dir, t.keep_checkpoints)
 
+    if t.linear_probe_epochs and checkpoint is None:
+        from safetensors.torch import save_file
+        probe = linear_probe(model, data.train, pad_id, t.linear_probe_epochs, t.head_lr or 10 * t.lr,
+                             t.batch_size, t.seed, t.weight_decay)
+        save_file({k: v.contiguous() for k, v in probe.items()}, str(run_dir / "probe_head.safetensors"))
+        if data.eval:
+            probed = do_eval(0)
+            metrics.write(event="probe", step=0, **probed)
+            log("after linear probing: " + ", ".join(f"{k}={v:.4f}" for k, v in probed.items()))
     before = {}
     if t.eval_at_start and data.eval and checkpoint is None:
         before = do_eval(0)

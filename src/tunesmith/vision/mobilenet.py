@@ -71,7 +71,13 @@ class MobileNetV2(nn.Module):
         return self.features(x)  # (B, 1280, H/32, W/32)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))  # (B, num_classes)
+        return self.classify(F.adaptive_avg_pool2d(x, 1).flatten(1))  # (B, num_classes)
+
+    def pooled_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.features(pixel_values), 1).flatten(1)  # (B, 1280)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pooled)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(pixel_values))

@@ -1,0 +1,55 @@
+"""Linear probing, the LP of LP-FT (Kumar et al. 2022): train only the new head on frozen features.
+
+Features are computed once (model in eval mode: no dropout in the backbone, BatchNorm statistics fixed)
+and the head is trained on the cache, which costs one forward pass over the data instead of one per epoch.
+The probed head starts the fine-tune, and is theta_0's head for WiSE-FT interpolation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.batching import collate
+from ..errors import TunesmithError
+
+
+def _inputs(batch: dict) -> dict:
+    if "pixel_values" in batch:
+        return {"pixel_values": batch["pixel_values"]}
+    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+
+
+@torch.no_grad()
+def cached_features(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 64):
+    feats, labels = [], []
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id)
+        feats.append(model.pooled_features(**_inputs(batch)).float())
+        labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def linear_probe(model: nn.Module, examples: list[dict], pad_id: int, epochs: float, lr: float,
+                 batch_size: int, seed: int, weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
+    """Train the head on cached features; returns the head's state dict (the model's head is updated too)."""
+    if not hasattr(model, "pooled_features") or not hasattr(model, "classify"):
+        raise TunesmithError("linear probing needs a classifier with a new head (a text classifier or MobileNetV2)")
+    head = model.get_submodule(model.head_name)
+    was_training = model.training
+    model.eval()
+    x, y = cached_features(model, examples, pad_id)
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed + 7919)
+    steps_per_epoch = math.ceil(len(y) / batch_size)
+    for _ in range(max(1, round(epochs * steps_per_epoch))):
+        idx = torch.randint(0, len(y), (batch_size,), generator=g)
+        loss = F.cross_entropy(model.classify(x[idx].to(head.weight.dtype if hasattr(head, "weight") else x.dtype)), y[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}

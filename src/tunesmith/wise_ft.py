@@ -1,0 +1,184 @@
+"""The WiSE-FT sweep: evaluate theta(alpha) on named eval sets, write CSV + PNG, save the chosen alpha.
+
+Classifiers are scored by accuracy, LLMs by loss / perplexity. theta_0 is the run's pretrained base with
+the linear-probe head (probe_head.safetensors, from training.linear_probe_epochs); theta_1 the fine-tune.
+A LoRA run is interpolated by scaling its adapter in place; a full fine-tune by interpolating state dicts.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .errors import TunesmithError
+from .interpolate import interpolate_weights, scale_lora
+from .train.artifacts import load_run, save_result
+from .train.evaluate import evaluate
+
+
+def encode_eval_set(spec: str, tok, cfg, task: str, labels):
+    if tok is None:
+        from .vision.data import encode_images
+        return encode_images(spec, cfg.data.image_size, {v: i for i, v in enumerate(labels)})[0]
+    from .data import prepare_eval
+    from .train.setup import choose_objective, peek_format
+    objective = "classification" if task == "classification" else choose_objective(cfg, peek_format(cfg))
+    return prepare_eval(spec, tok, cfg.data, objective, labels)
+
+
+def _head_states(model, run_dir: Path, missing: str):
+    """(theta_0 head, theta_1 head) state dicts, or (None, None) for models without a new head."""
+    name = getattr(model, "head_name", None)
+    if name is None:
+        return None, None
+    head1 = {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()}
+    probe = run_dir / "probe_head.safetensors"
+    if probe.exists():
+        return load_file(str(probe)), head1
+    if missing == "finetuned":
+        return head1, head1
+    raise TunesmithError(f"{run_dir}: the fine-tune has a new head but no probe_head.safetensors, so theta_0 has no head. "
+                         "Retrain with training.linear_probe_epochs=N (LP-FT), or pass --missing finetuned to keep "
+                         "the fine-tuned head at every alpha")
+
+
+class Interpolator:
+    """Sets a loaded fine-tuned model to theta(alpha), in place."""
+
+    def __init__(self, run_dir: Path, missing: str = "error") -> None:
+        self.model, self.tok, self.cfg, self.task, self.labels = load_run(run_dir)
+        self.lora = (run_dir / "adapter").exists()
+        self.head0, self.head1 = _head_states(self.model, run_dir, missing)
+        self.head_name = getattr(self.model, "head_name", None)
+        if not self.lora:
+            from .models import load_model
+            base = load_model(self.cfg.model.name, self.task, num_labels=len(self.labels) if self.labels else None,
+                              pooling=self.cfg.head.pooling, dtype=self.cfg.model.dtype)
+            self.theta0 = {k: v.detach().clone() for k, v in base.state_dict().items()}
+            if self.head0 is not None:
+                self.theta0.update({f"{self.head_name}.{k}": v for k, v in self.head0.items()})
+            self.theta1 = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            del base
+
+    def set(self, alpha: float) -> None:
+        if self.lora:
+            scale_lora(self.model, alpha)
+            if self.head0 is not None:
+                head = self.model.get_submodule(self.head_name)
+                head.load_state_dict(interpolate_weights(self.head0, self.head1, alpha))
+        else:
+            self.model.load_state_dict(interpolate_weights(self.theta0, self.theta1, alpha))
+
+
+def score(metrics: dict, task: str) -> float:
+    """Higher is better: accuracy for classifiers, minus loss for LMs."""
+    return metrics["eval_accuracy"] if task == "classification" else -metrics["eval_loss"]
+
+
+def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str], select: str = "mean",
+              out: str | Path | None = None, save: str | Path | None = None, missing: str = "error",
+              batch_size: int = 64, log=print) -> dict:
+    run_dir = Path(run_dir)
+    if not eval_sets:
+        raise TunesmithError("give at least one --eval NAME=DATA (e.g. --eval id=mnist:test --eval ood=digits:all)")
+    interp = Interpolator(run_dir, missing)
+    sets = {name: encode_eval_set(spec, interp.tok, interp.cfg, interp.task, interp.labels) for name, spec in eval_sets.items()}
+    pad = getattr(interp.tok, "pad_token_id", None) or 0
+    n_classes = len(interp.labels) if interp.labels else None
+    rows = []
+    for a in alphas:
+        interp.set(a)
+        row = {"alpha": a}
+        for name, examples in sets.items():
+            m = evaluate(interp.model, examples, interp.task, pad, batch_size, n_classes)
+            row.update({f"{name}_{k.removeprefix('eval_')}": v for k, v in m.items()})
+            row[f"{name}_score"] = score(m, interp.task)
+        rows.append(row)
+        log("alpha {:.2f}: ".format(a) + ", ".join(f"{n}={row[f'{n}_score']:.4f}" for n in sets))
+    best = choose_alpha(rows, list(sets), select)
+    out = Path(out) if out else run_dir / "interpolation"
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "interpolation.csv")
+    plot_sweep(rows, list(sets), interp.task, out / "interpolation.png", best)
+    result = {"rows": rows, "best_alpha": best, "select": select, "csv": str(out / "interpolation.csv"),
+              "plot": str(out / "interpolation.png")}
+    if save:
+        interp.set(best)
+        result["saved"] = str(save_interpolated(interp, Path(save), best))
+    (out / "interpolation.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def choose_alpha(rows: list[dict], names: list[str], select: str) -> float:
+    """'mean' (best average score over sets), a set name (best on that set), or a number (that alpha)."""
+    try:
+        return float(select)
+    except ValueError:
+        pass
+    if select == "mean":
+        return max(rows, key=lambda r: sum(r[f"{n}_score"] for n in names) / len(names))["alpha"]
+    if select not in names:
+        raise TunesmithError(f"--select {select!r}: use 'mean', a number, or one of the eval names {names}")
+    return max(rows, key=lambda r: r[f"{select}_score"])["alpha"]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def save_interpolated(interp: Interpolator, target: Path, alpha: float) -> Path:
+    """Write theta(alpha) as a run folder that `tunesmith eval` / `merge` read (adapter B scaled by alpha)."""
+    from .config import dump_config
+    from .io import atomic_write_text
+    model = interp.model
+    if interp.lora:
+        from .adapters import adapter_layers
+        model = copy.deepcopy(model)
+        for _, layer in adapter_layers(model):
+            for n in layer.adapter_names:
+                if hasattr(layer, "lora_B") and n in layer.scaling:
+                    full = layer.configs[n].scaling(layer.r[n], layer.alpha[n])
+                    with torch.no_grad():
+                        _, B = layer.factors(n)
+                        B.mul_(layer.scaling[n] / full)  # bake the scale into B; restore the nominal scaling
+                    layer.scaling[n] = full
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target / "config.yaml", dump_config(interp.cfg))
+    atomic_write_text(target / "interpolation.json", json.dumps({"alpha": alpha}))
+    save_result(target, model, interp.tok, interp.cfg, interp.task, interp.labels)
+    return target
+
+
+def plot_sweep(rows: list[dict], names: list[str], task: str, path: Path, best: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metric = "accuracy" if task == "classification" else "loss"
+    alphas = [r["alpha"] for r in rows]
+    panels = 2 if len(names) >= 2 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    for n in names:
+        ax.plot(alphas, [r[f"{n}_{metric}"] for r in rows], "o-", label=n)
+    ax.axvline(best, color="grey", ls=":", lw=1, label=f"chosen alpha={best:g}")
+    ax.set(xlabel="alpha (0 = pretrained/probe, 1 = fine-tuned)", ylabel=metric, title=f"{metric} vs alpha")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if panels == 2:
+        ax = axes[0][1]
+        x, y = [r[f"{names[0]}_{metric}"] for r in rows], [r[f"{names[1]}_{metric}"] for r in rows]
+        ax.plot(x, y, "o-")
+        for a, xi, yi in zip(alphas, x, y):
+            ax.annotate(f"{a:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=f"{names[0]} {metric}", ylabel=f"{names[1]} {metric}", title="frontier (labels: alpha)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
