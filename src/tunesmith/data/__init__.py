@@ -25,13 +25,22 @@ def load_records(spec: str) -> tuple[list[Record], list[Problem]]:
     return (load_builtin(spec), []) if is_builtin(spec) else read_records(spec)
 
 
-def _sample(records: list[Record], limit: int | None, seed: int, what: str, key: str, notes: list[str]) -> list[Record]:
-    """A seeded sample of `limit` records (in file order), not the first N: files are often sorted by class."""
-    if not limit or len(records) <= limit:
-        return records
-    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+def seeded_sample(items: list, limit: int | None, seed: int, what: str, key: str, notes: list[str]) -> list:
+    """A seeded sample of `limit` items (in their original order), not the first N: files are often sorted by class."""
+    if not limit or len(items) <= limit:
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
     notes.append(f"using a seeded sample of {limit} {what} examples (data.{key})")
-    return [records[i] for i in keep]
+    return [items[i] for i in keep]
+
+
+def holdout_split(items: list, fraction: float, seed: int, notes: list[str]) -> tuple[list, list]:
+    """(train, eval): a seeded `fraction` of the items held out for evaluation."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    k = max(1, int(len(items) * fraction)) if fraction > 0 else 0
+    notes.append(f"held out {k} training examples for evaluation (data.eval_fraction={fraction})")
+    return [items[i] for i in sorted(order[k:])], [items[i] for i in order[:k]]
 
 
 def prepare_data(data_cfg, tok, objective: str, seed: int = 0) -> PreparedData:
@@ -42,14 +51,10 @@ def prepare_data(data_cfg, tok, objective: str, seed: int = 0) -> PreparedData:
     if eval_recs:
         validate(eval_recs, [], fmt, data_cfg.max_errors)
     notes: list[str] = []
-    train_recs = _sample(train_recs, data_cfg.max_examples, seed, "training", "max_examples", notes)
+    train_recs = seeded_sample(train_recs, data_cfg.max_examples, seed, "training", "max_examples", notes)
     if not eval_recs and data_cfg.eval_fraction > 0:
-        shuffled = list(train_recs)
-        random.Random(seed).shuffle(shuffled)
-        k = max(1, int(len(shuffled) * data_cfg.eval_fraction))
-        eval_recs, train_recs = shuffled[:k], shuffled[k:]
-        notes.append(f"held out {k} training examples for evaluation (data.eval_fraction={data_cfg.eval_fraction})")
-    eval_recs = _sample(eval_recs, data_cfg.max_eval_examples, seed, "eval", "max_eval_examples", notes)
+        train_recs, eval_recs = holdout_split(train_recs, data_cfg.eval_fraction, seed, notes)
+    eval_recs = seeded_sample(eval_recs, data_cfg.max_eval_examples, seed, "eval", "max_eval_examples", notes)
     labels, index = None, None
     if fmt == "classification":
         labels = sorted({r.data["label"] for r in train_recs}, key=lambda v: (isinstance(v, str), v))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..adapters import add_adapter
 from ..config import RunConfig
-from ..data import PreparedData, prepare_data
+from ..data import PreparedData, holdout_split, prepare_data, seeded_sample
 from ..freeze import (
     freeze, freeze_batchnorm, freeze_first_blocks, set_biases_trainable, set_norms_trainable, train_only, unfreeze,
 )
@@ -93,21 +93,12 @@ def prepare_image_data(cfg: RunConfig) -> PreparedData:
     d = cfg.data
     train, labels = encode_images(d.train, d.image_size)
     notes = [f"{len(train)} training images, {len(labels)} classes, resized to {d.image_size}x{d.image_size}"]
-    if d.eval:
-        evals, _ = encode_images(d.eval, d.image_size, {v: i for i, v in enumerate(labels)})
-    else:
-        order = list(range(len(train)))
-        random.Random(cfg.training.seed).shuffle(order)
-        k = max(1, int(len(train) * d.eval_fraction)) if d.eval_fraction > 0 else 0
-        evals, train = [train[i] for i in order[:k]], [train[i] for i in sorted(order[k:])]
-        notes.append(f"held out {k} training images for evaluation (data.eval_fraction={d.eval_fraction})")
-    for name, limit in (("train", d.max_examples), ("eval", d.max_eval_examples)):
-        items = train if name == "train" else evals
-        if limit and len(items) > limit:
-            keep = sorted(random.Random(cfg.training.seed).sample(range(len(items)), limit))
-            items = [items[i] for i in keep]
-            notes.append(f"using a seeded sample of {limit} {name} images")
-            train, evals = (items, evals) if name == "train" else (train, items)
+    seed = cfg.training.seed
+    evals = encode_images(d.eval, d.image_size, {v: i for i, v in enumerate(labels)})[0] if d.eval else []
+    train = seeded_sample(train, d.max_examples, seed, "training", "max_examples", notes)
+    if not d.eval and d.eval_fraction > 0:
+        train, evals = holdout_split(train, d.eval_fraction, seed, notes)
+    evals = seeded_sample(evals, d.max_eval_examples, seed, "eval", "max_eval_examples", notes)
     return PreparedData("image", train, evals, labels, notes)
 
 
