@@ -124,3 +124,43 @@ def test_cli_sweep_on_a_probed_fine_tune(tmp_path, encoder_dir, adapter):
     model, tok, cfg, task, labels = load_run(tmp_path / "half")
     m = evaluate(model, encode_eval_set(str(shifted), tok, cfg, task, labels), task, tok.pad_token_id, 64, 2)
     assert m["eval_accuracy"] == pytest.approx(half["ood_accuracy"]) and m["eval_loss"] == pytest.approx(half["ood_loss"], abs=1e-5)
+
+
+def test_llm_sweep_scores_loss(tmp_path, lm_dir):
+    """For LLMs each alpha is scored by loss/perplexity; alpha 0 is the base model, exactly."""
+    from conftest import chat_rows, write_jsonl
+    from tunesmith.config import load_config
+    from tunesmith.train import evaluate, train
+    from tunesmith.wise_ft import run_sweep
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
+    cfg = load_config(None, [f"model.name={lm_dir}", f"data.train={data}", "data.eval_fraction=0", "adapter.kind=lora",
+                             "adapter.targets=[q_proj,v_proj]", "training.max_steps=4", "training.lr=1e-2",
+                             f"output.dir={tmp_path / 'run'}", "output.progress=false"])
+    train(cfg, log=lambda *_: None)
+    res = run_sweep(tmp_path / "run", [0.0, 1.0], {"train": data}, log=lambda *_: None)
+    r0, r1 = res["rows"]
+    assert set(r0) >= {"train_loss", "train_perplexity", "train_token_accuracy"}
+    assert r1["train_loss"] < r0["train_loss"] and res["best_alpha"] == 1.0  # lower loss wins
+    from tunesmith.models import load_model, load_tokenizer
+    from tunesmith.wise_ft import encode_eval_set
+    tok = load_tokenizer(str(lm_dir))
+    base = evaluate(load_model(str(lm_dir), "causal_lm"), encode_eval_set(data, tok, cfg, "causal_lm", None),
+                    "causal_lm", tok.pad_token_id, 64)
+    assert base["eval_loss"] == pytest.approx(r0["train_loss"], abs=1e-5)
+
+
+def test_base_can_be_a_linear_probe_run(tmp_path, encoder_dir):
+    """--base RUN: theta_0 is a separately trained head-only run (WiSE-FT's zero-shot/probe end)."""
+    from conftest import class_rows, write_jsonl
+    from tunesmith.config import load_config
+    from tunesmith.train import evaluate, load_run, train
+    from tunesmith.wise_ft import encode_eval_set, run_sweep
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(40))
+    common = [f"model.name={encoder_dir}", f"data.train={data}", "data.eval_fraction=0", "training.max_steps=4",
+              "training.lr=1e-3", "output.progress=false"]
+    train(load_config(None, common + ["freeze.train_only=[head]", f"output.dir={tmp_path / 'probe'}"]), log=lambda *_: None)
+    train(load_config(None, common + [f"output.dir={tmp_path / 'ft'}"]), log=lambda *_: None)
+    res = run_sweep(tmp_path / "ft", [0.0, 1.0], {"d": data}, base=str(tmp_path / "probe"), log=lambda *_: None)
+    model, tok, cfg, task, labels = load_run(tmp_path / "probe")
+    probe = evaluate(model, encode_eval_set(data, tok, cfg, task, labels), task, tok.pad_token_id, 64, 2)
+    assert res["rows"][0]["d_loss"] == pytest.approx(probe["eval_loss"], abs=1e-6)

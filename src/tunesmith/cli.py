@@ -172,7 +172,7 @@ def cmd_interpolate(args) -> int:
         name, spec = item.split("=", 1)
         evals[name] = spec
     result = run_sweep(args.finetuned, parse_alphas(args.alphas), evals, select=args.select, out=args.out,
-                       save=args.save, missing=args.missing, batch_size=args.batch_size)
+                       save=args.save, missing=args.missing, batch_size=args.batch_size, base=args.base)
     rows, names = result["rows"], list(evals)
     metric = "accuracy" if any(f"{names[0]}_accuracy" in r for r in rows) else "loss"
     print("\n  alpha  " + "  ".join(f"{n + ' ' + metric:>16}" for n in names))
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "set; theta_0 is the pretrained base (with the run's linear-probe head), theta_1 the "
                                    "fine-tuned run. Writes interpolation.csv and interpolation.png.")
     w.add_argument("--finetuned", required=True, help="the fine-tuned run folder (full fine-tune or LoRA)")
+    w.add_argument("--base", help="theta_0: a run folder (e.g. a head-only linear-probe run) or a model spec; default: "
+                                  "the run's pretrained model with its probe_head.safetensors (LoRA: always the adapter's base)")
     w.add_argument("--alphas", default="0:1:0.1", help="start:stop:step or a comma list (default 0:1:0.1)")
     w.add_argument("--eval", action="append", metavar="NAME=DATA",
                    help="an evaluation set, repeatable: e.g. --eval id=mnist:test --eval ood=digits:all")

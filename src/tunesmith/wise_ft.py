@@ -35,7 +35,7 @@ def _head_states(model, run_dir: Path, missing: str):
     name = getattr(model, "head_name", None)
     if name is None:
         return None, None
-    head1 = {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()}
+    head1 = _state(model.get_submodule(name))
     probe = run_dir / "probe_head.safetensors"
     if probe.exists():
         return load_file(str(probe)), head1
@@ -46,23 +46,38 @@ def _head_states(model, run_dir: Path, missing: str):
                          "the fine-tuned head at every alpha")
 
 
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 class Interpolator:
     """Sets a loaded fine-tuned model to theta(alpha), in place."""
 
-    def __init__(self, run_dir: Path, missing: str = "error") -> None:
+    def __init__(self, run_dir: Path, missing: str = "error", base: str | None = None) -> None:
         self.model, self.tok, self.cfg, self.task, self.labels = load_run(run_dir)
         self.lora = (run_dir / "adapter").exists()
-        self.head0, self.head1 = _head_states(self.model, run_dir, missing)
         self.head_name = getattr(self.model, "head_name", None)
+        if self.lora and base:
+            raise TunesmithError("--base with a LoRA run: theta_0 is always the adapter's own base model; omit --base")
+        if base and (Path(base) / "config.yaml").exists():  # another run, e.g. a head-only linear probe
+            self.head0 = self.head1 = None
+            self.theta0 = _state(load_run(base)[0])
+        else:
+            self.head0, self.head1 = _head_states(self.model, run_dir, missing)
+            if not self.lora:
+                self.theta0 = self._original(base or self.cfg.model.name)
         if not self.lora:
-            from .models import load_model
-            base = load_model(self.cfg.model.name, self.task, num_labels=len(self.labels) if self.labels else None,
+            self.theta1 = _state(self.model)
+
+    def _original(self, spec: str) -> dict:
+        """The pretrained weights, with the probe head in place of the untrained one."""
+        from .models import load_model
+        original = load_model(spec, self.task, num_labels=len(self.labels) if self.labels else None,
                               pooling=self.cfg.head.pooling, dtype=self.cfg.model.dtype)
-            self.theta0 = {k: v.detach().clone() for k, v in base.state_dict().items()}
-            if self.head0 is not None:
-                self.theta0.update({f"{self.head_name}.{k}": v for k, v in self.head0.items()})
-            self.theta1 = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            del base
+        theta0 = _state(original)
+        if self.head0 is not None:
+            theta0.update({f"{self.head_name}.{k}": v for k, v in self.head0.items()})
+        return theta0
 
     def set(self, alpha: float) -> None:
         if self.lora:
@@ -81,11 +96,11 @@ def score(metrics: dict, task: str) -> float:
 
 def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str], select: str = "mean",
               out: str | Path | None = None, save: str | Path | None = None, missing: str = "error",
-              batch_size: int = 64, log=print) -> dict:
+              batch_size: int = 64, base: str | None = None, log=print) -> dict:
     run_dir = Path(run_dir)
     if not eval_sets:
         raise TunesmithError("give at least one --eval NAME=DATA (e.g. --eval id=mnist:test --eval ood=digits:all)")
-    interp = Interpolator(run_dir, missing)
+    interp = Interpolator(run_dir, missing, base)
     sets = {name: encode_eval_set(spec, interp.tok, interp.cfg, interp.task, interp.labels) for name, spec in eval_sets.items()}
     pad = getattr(interp.tok, "pad_token_id", None) or 0
     n_classes = len(interp.labels) if interp.labels else None
