@@ -66,7 +66,7 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, lm_dir):
     common = ["training.max_steps=9", "training.save_every=3", "adapter.dropout=0.1", "data.packing=true"]
     full = train(lm_config(lm_dir, data, tmp_path / "full", *common), log=lambda *_: None)
 
-    def crash(step):
+    def crash(step, info):
         if step == 7:
             raise RuntimeError("simulated crash")
 

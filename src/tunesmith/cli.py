@@ -185,6 +185,42 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
+def _bases(items: list[str] | None) -> dict[str, str]:
+    from .models import PACKAGED
+    bases = {name: name for name in PACKAGED if name != "all-minilm-l6-v2"}  # chat models
+    for item in items or []:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--model {item!r}: expected NAME=PATH")
+        bases[name] = path
+    return bases
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+    from .service.app import api_keys_from, create_app
+    app = create_app(args.data, api_keys_from(args.api_key), _bases(args.model), args.max_upload_mb,
+                     start_worker=not args.no_worker)
+    print(f"tunesmith API on http://{args.host}:{args.port}/v1 (web page at /), data in {args.data}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import json as _json
+    from .service.store import Store
+    from .service.worker import work_forever
+    store = Store(args.data)
+    if not (store.dir / "bases.json").exists():
+        (store.dir / "bases.json").write_text(_json.dumps(_bases(args.model)))
+    print(f"worker on {store.path}: running queued jobs one at a time (Ctrl-C stops)")
+    try:
+        work_forever(store)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained PyTorch models: full, partial, "
                                 "task heads, LoRA/DoRA/IA3 adapters (PEFT format).")
@@ -242,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new head without a probe head: error (default) or keep the fine-tuned head at every alpha")
     w.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
     w.set_defaults(func=cmd_interpolate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible fine-tuning API server",
+                       description="Serve files, fine-tuning jobs, models and chat completions with OpenAI's HTTP API "
+                                   "(point the openai client at http://HOST:PORT/v1). Jobs run in a worker, one at a time.")
+    s.add_argument("--data", default="tunesmith-data", help="data folder: SQLite store, uploads, runs (default tunesmith-data)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", action="append", help="accepted bearer key (repeatable; also TUNESMITH_API_KEYS=a,b)")
+    s.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="offer a local model folder as a base model (repeatable); packaged chat models are offered by default")
+    s.add_argument("--max-upload-mb", type=float, default=100, help="largest accepted upload in MB (default 100)")
+    s.add_argument("--no-worker", action="store_true", help="do not run jobs in this process (use `tunesmith worker`)")
+    s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("worker", help="run queued fine-tuning jobs", description="Run jobs from a serve data folder, one at a time.")
+    k.add_argument("--data", default="tunesmith-data", help="the data folder `tunesmith serve` uses")
+    k.add_argument("--model", action="append", metavar="NAME=PATH", help="extra base models, as for serve")
+    k.set_defaults(func=cmd_worker)
 
     i = sub.add_parser("inspect", help="list modules and suggested LoRA targets",
                        description="Show a model's size, block stack, and the layer names adapters can target.")

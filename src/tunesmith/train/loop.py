@@ -49,8 +49,13 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
                               "resume with the same config (or start a new output.dir)")
 
 
-def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] | None = None, log: Callable = print) -> dict:
-    """Run a fine-tune described by `cfg`. Returns a summary (losses, eval metrics, paths, time)."""
+def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], None] | None = None,
+          log: Callable = print) -> dict:
+    """Run a fine-tune described by `cfg`. Returns a summary (losses, eval metrics, paths, time).
+
+    on_step(step, info) is called after every optimizer step; info holds 'loss' (this step's), 'total_steps',
+    and 'checkpoint' (the folder) when one was written. An exception from it stops the run (as a crash would).
+    """
     run_dir = Path(cfg.output.dir)
     t = cfg.training
     checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
@@ -115,9 +120,10 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
             metrics.write(event="eval", step=step, **result)
         return result
 
-    def checkpoint_now(rng=None) -> None:
-        save_checkpoint(run_dir / "checkpoints" / f"step-{state['step']}", model, opt, sched, state, rng)
+    def checkpoint_now(rng=None) -> Path:
+        folder = save_checkpoint(run_dir / "checkpoints" / f"step-{state['step']}", model, opt, sched, state, rng)
         prune_checkpoints(run_dir, t.keep_checkpoints)
+        return folder
 
     if t.linear_probe_epochs and checkpoint is None:
         from safetensors.torch import save_file
@@ -154,6 +160,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
                 (loss_sum / max(n_total, 1)).backward()
                 group_loss += float(loss_sum.detach())
                 window_tokens += units(b)
+                state["trained_tokens"] = state.get("trained_tokens", 0) + units(b)
             if t.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
             opt.step()
@@ -183,10 +190,12 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
                         state["bad_evals"] += 1
                         if state["bad_evals"] >= t.early_stopping_patience:
                             stopped_early = True
+            saved_ckpt = None
             if t.save_every and state["step"] % t.save_every == 0 and state["step"] < total_steps:
-                checkpoint_now()
+                saved_ckpt = checkpoint_now()
             if on_step is not None:
-                on_step(state["step"])
+                on_step(state["step"], {"loss": group_loss / max(n_total, 1), "total_steps": total_steps,
+                                        "checkpoint": saved_ckpt})
             if stopped_early:
                 bar.write(f"early stopping: eval loss has not improved for {t.early_stopping_patience} evaluations")
                 break
@@ -209,6 +218,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int], None] |
               "final_loss": train_losses[-1] if train_losses else None, **last_eval, "before": before,
               "trainable": summary.trainable, "total_params": summary.total,
               "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
+              "trained_tokens": state.get("trained_tokens", 0),
               "epochs": state["step"] * t.grad_accum / batches_per_epoch, "saved": str(saved), "plot": str(plot) if plot else None,
               "run_dir": str(run_dir)}
     atomic_write_text(run_dir / "summary.json", json.dumps(result, indent=2))

@@ -1,0 +1,1 @@
+"""A self-hosted fine-tuning service with OpenAI's HTTP API: files, jobs, events, checkpoints, models, chat."""

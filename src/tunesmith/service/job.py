@@ -1,0 +1,139 @@
+"""One fine-tuning job, run in a child process (`python -m tunesmith.service.job JOB_ID DATA_DIR`).
+
+It validates the files, maps OpenAI's hyperparameters onto a RunConfig, and calls the same `train()` that
+`tunesmith train` uses, reporting events, metrics and checkpoints to the store as it goes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .store import Store
+
+MIN_EXAMPLES = 10
+BASE_LR = 2e-4  # LoRA learning rate at learning_rate_multiplier = 1
+AUTO = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 2.0}
+
+
+def validate_file(store: Store, job: dict, field: str) -> tuple[dict | None, int]:
+    """(error or None, number of examples) for the job's training/validation file."""
+    from ..data import read_records, validate
+    from ..data.formats import DataError
+    path = store.file_path(job[field])
+    records, problems = read_records(path)
+    try:
+        fmt = validate(records, problems, "auto")
+    except DataError as e:
+        p = e.problems[0]
+        return {"code": f"invalid_{field}", "param": field,
+                "message": f"{field.replace('_', ' ').capitalize()} {job[field]} has {len(e.problems)} problem(s). "
+                           f"Line {p.line}, {p.field}: {p.message}"}, 0
+    if fmt not in ("chat", "prompt_completion"):
+        return {"code": f"invalid_{field}", "param": field,
+                "message": f"{field} must hold chat ({{\"messages\": [...]}}) or prompt/completion examples, not {fmt}"}, 0
+    if field == "training_file" and len(records) < MIN_EXAMPLES:
+        return {"code": "invalid_n_examples", "param": field,
+                "message": f"Training file has {len(records)} example(s), but must have at least {MIN_EXAMPLES} examples"}, 0
+    return None, len(records)
+
+
+def resolve_hyperparameters(job: dict) -> dict:
+    hp = dict(job["method"]["supervised"]["hyperparameters"])
+    return {k: (AUTO[k] if hp.get(k, "auto") == "auto" else hp[k]) for k in AUTO}
+
+
+def result_csv(metrics_path: Path) -> bytes:
+    """OpenAI's result file: step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    evals = {r["step"]: r for r in rows if r.get("event") == "eval"}
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+    for r in (r for r in rows if r.get("event") == "train"):
+        e = evals.get(r["step"], {})
+        w.writerow([r["step"], r["loss"], "", e.get("eval_loss", ""), e.get("eval_token_accuracy", "")])
+    return out.getvalue().encode()
+
+
+def run(job_id: str, data_dir: str) -> int:
+    from ..config import load_config
+    from ..train import train
+    store = Store(data_dir)
+    job, row = store.get_job(job_id), store.job_row(job_id)
+    resume = bool(row["resume"])
+    run_dir = store.dir / "jobs" / job_id
+    if not resume:
+        store.update_job(job_id, status="validating_files")
+        store.add_event(job_id, f"Validating training file: {job['training_file']}")
+        for field in ("training_file", "validation_file"):
+            if job.get(field):
+                error, _ = validate_file(store, job, field)
+                if error:
+                    store.update_job(job_id, status="failed", error=error, finished_at=_now())
+                    store.add_event(job_id, error["message"], level="error")
+                    return 1
+        store.add_event(job_id, "Files validated, moving job to queued state")
+        store.update_job(job_id, status="queued")
+    hp = resolve_hyperparameters(job)
+    method = dict(job["method"])
+    method["supervised"] = {"hyperparameters": hp}
+    store.update_job(job_id, status="running", hyperparameters=hp, method=method)
+    store.add_event(job_id, "Fine-tuning job started" if not resume else "Fine-tuning job resumed from its last checkpoint")
+    base_spec = json.loads((store.dir / "bases.json").read_text()).get(job["model"], job["model"])
+    overrides = [f"model.name={base_spec}", f"data.train={store.file_path(job['training_file'])}",
+                 f"data.eval={store.file_path(job['validation_file'])}" if job.get("validation_file") else "data.eval=null",
+                 "data.eval_fraction=0", "data.max_length=512", "adapter.kind=lora", "adapter.targets=all-linear",
+                 "adapter.r=8", "adapter.alpha=16", f"training.epochs={hp['n_epochs']}",
+                 f"training.batch_size={hp['batch_size']}", f"training.lr={BASE_LR * float(hp['learning_rate_multiplier'])}",
+                 f"training.seed={job['seed']}", "training.log_every=1", "training.save_every=5",
+                 f"output.dir={run_dir}", "output.progress=false"]
+    cfg = load_config(None, overrides)
+    base_name = job["model"].replace(":", "-")
+
+    parent = os.getppid()
+
+    def on_step(step: int, info: dict) -> None:
+        if os.getppid() != parent:  # the server died: stop; the restarted server resumes from the last checkpoint
+            os._exit(75)
+        total = info["total_steps"]
+        store.add_event(job_id, f"Step {step}/{total}: training loss={info['loss']:.4f}", type_="metrics",
+                        data={"step": step, "train_loss": info["loss"], "total_steps": total})
+        if info.get("checkpoint"):
+            name = f"{_model_name(job, base_name)}:ckpt-step-{step}"
+            store.add_checkpoint(job_id, step, {"step": step, "train_loss": info["loss"]}, name)
+
+    try:
+        result = train(cfg, resume=resume, on_step=on_step, log=lambda *_: None)
+    except KeyboardInterrupt:
+        return 130  # paused or cancelled: the worker records which
+    except Exception as e:  # noqa: BLE001 - any failure becomes the job's error, never a silent stop
+        store.update_job(job_id, status="failed", finished_at=_now(),
+                         error={"code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None})
+        store.add_event(job_id, f"Training failed: {e}", level="error", data={"traceback": traceback.format_exc()[-2000:]})
+        return 1
+    model_id = _model_name(job, base_name)
+    results = store.add_file(f"step_metrics_{job_id}.csv", "fine-tune-results", result_csv(run_dir / "metrics.jsonl"))
+    store.add_model(model_id, job_id, job["model"], str(run_dir), job.get("organization_id", "user"))
+    store.add_event(job_id, f"New fine-tuned model created: {model_id}")
+    store.update_job(job_id, status="succeeded", fine_tuned_model=model_id, finished_at=_now(),
+                     result_files=[results["id"]], trained_tokens=result.get("trained_tokens"))
+    store.add_event(job_id, "The job has successfully completed")
+    return 0
+
+
+def _model_name(job: dict, base: str) -> str:
+    return f"ft:{base}:{job.get('organization_id', 'user')}:{job.get('suffix') or ''}:{job['id'][-8:]}"
+
+
+def _now() -> int:
+    import time
+    return int(time.time())
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1], sys.argv[2]))

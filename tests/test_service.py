@@ -1,0 +1,233 @@
+"""The OpenAI-compatible service: a real uvicorn server over HTTP, a real SQLite file, the official client."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import chat_rows
+
+openai = pytest.importorskip("openai")
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir, lm_dir, port):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--data", str(data_dir), "--port", str(port),
+                             "--api-key", KEY, "--model", f"tiny={lm_dir}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, lm_dir):
+    data = tmp_path_factory.mktemp("service")
+    port = free_port()
+    proc = start_server(data, lm_dir, port)
+    yield {"url": f"http://127.0.0.1:{port}/v1", "data": data, "port": port, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["url"], api_key=KEY, max_retries=0)
+
+
+def upload(client, tmp_path, rows, name="train.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    with path.open("rb") as f:
+        return client.files.create(file=f, purpose="fine-tune")
+
+
+def wait(client, job_id, states=("succeeded", "failed", "cancelled"), timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in states:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} stuck in {job.status}")
+
+
+def test_full_flow_with_the_official_client(client, tmp_path):
+    f = upload(client, tmp_path, chat_rows(12))
+    assert f.object == "file" and f.purpose == "fine-tune" and f.bytes > 0 and f.filename == "train.jsonl"
+    assert client.files.retrieve(f.id).id == f.id
+    assert client.files.content(f.id).read().decode().count("\n") == 12
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="demo", seed=3, metadata={"team": "a"},
+                                         method={"type": "supervised", "supervised": {"hyperparameters": {
+                                             "n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 5}}})
+    assert job.status == "validating_files" and job.id.startswith("ftjob-")
+    done = wait(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:tiny:user:demo:{job.id[-8:]}"
+    assert done.hyperparameters.n_epochs == 2 and done.trained_tokens > 0
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    order = ["Created fine-tuning job", "Validating training file", "Files validated", "Fine-tuning job started",
+             "Step 1/12", "New fine-tuned model created", "The job has successfully completed"]
+    positions = [next(i for i, m in enumerate(reversed(messages)) if m.startswith(o)) for o in order]
+    assert positions == sorted(positions), messages
+    metrics = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    assert len(metrics) == 12 and "train_loss" in metrics[0].data
+    ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in ckpts] == [10, 5] and ckpts[0].metrics.train_loss > 0
+    result = client.files.content(done.result_files[0]).read().decode().splitlines()
+    assert result[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(result) == 13
+    listed = client.fine_tuning.jobs.list(metadata={"team": "a"})
+    assert [j.id for j in listed.data] == [job.id]
+
+    ids = [m.id for m in client.models.list()]
+    assert "tiny" in ids and done.fine_tuned_model in ids
+    reply = client.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "Tell me about cats"}],
+                                           max_tokens=5, temperature=0)
+    assert reply.choices[0].finish_reason in ("length", "stop") and reply.usage.completion_tokens <= 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=done.fine_tuned_model, stream=True, max_tokens=5, temperature=0,
+                                                 messages=[{"role": "user", "content": "Tell me about cats"}]))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content  # greedy: same text, streamed
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    base = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me about cats"}],
+                                          max_tokens=5, temperature=0)
+    assert base.choices[0].message.content is not None
+    assert client.models.delete(done.fine_tuned_model).deleted
+    assert client.files.delete(f.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+
+
+def test_data_problems_fail_the_job_not_the_request(client, tmp_path):
+    seven = upload(client, tmp_path, chat_rows(7), "seven.jsonl")
+    job = wait(client, client.fine_tuning.jobs.create(model="tiny", training_file=seven.id).id)
+    assert job.status == "failed" and job.error.code == "invalid_n_examples" and job.error.param == "training_file"
+    assert "has 7 example(s), but must have at least 10" in job.error.message
+    bad = upload(client, tmp_path, ['{"messages": [{"role": "user", "content": "hi"}]}'] * 12, "bad.jsonl")
+    job = wait(client, client.fine_tuning.jobs.create(model="tiny", training_file=bad.id).id)
+    assert job.status == "failed" and job.error.code == "invalid_training_file"
+    assert "Line 1, messages: no assistant message" in job.error.message
+
+
+def test_bad_requests_are_synchronous_400s(client, tmp_path):
+    f = upload(client, tmp_path, chat_rows(12))
+    with pytest.raises(openai.BadRequestError, match="not available for fine-tuning"):
+        client.fine_tuning.jobs.create(model="gpt-4o", training_file=f.id)
+    with pytest.raises(openai.BadRequestError, match="no such file"):
+        client.fine_tuning.jobs.create(model="tiny", training_file="file-nope")
+    with pytest.raises(openai.BadRequestError, match="n_epochs"):
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
+                                       method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}})
+    with pytest.raises(openai.BadRequestError, match="not supported yet"):
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "dpo"})
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    with pytest.raises(openai.BadRequestError, match="Must be .jsonl"):
+        client.files.create(file=txt.open("rb"), purpose="fine-tune")
+
+
+def test_wrong_key_is_401_and_ids_never_become_paths(server, client):
+    bad = openai.OpenAI(base_url=server["url"], api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.files.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError):
+        client.files.content("../tunesmith.sqlite")
+    import urllib.request
+    req = urllib.request.Request(server["url"] + "/files/..%2F..%2Fetc%2Fpasswd/content", headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 404
+
+
+def test_cancel_a_running_job(client, tmp_path):
+    f = upload(client, tmp_path, chat_rows(40))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
+        "hyperparameters": {"n_epochs": 50, "batch_size": 1}}})
+    wait(client, job.id, states=("running",))
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.id == job.id
+    done = wait(client, job.id)
+    assert done.status == "cancelled" and done.fine_tuned_model is None
+    with pytest.raises(openai.BadRequestError, match="Cannot cancel"):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_fifty_parallel_uploads_and_polls(client, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(10)))
+
+    def one(i):
+        with path.open("rb") as fh:
+            fid = client.files.create(file=fh, purpose="fine-tune").id
+        return client.files.retrieve(fid).id == fid and client.fine_tuning.jobs.list(limit=5).object == "list"
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(one, range(50)))
+    page = client.files.list(limit=20)
+    assert len(page.data) == 20 and page.has_more
+
+
+def test_server_restart_resumes_the_running_job(tmp_path, lm_dir):
+    data, port = tmp_path / "data", free_port()
+    proc = start_server(data, lm_dir, port)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+    f = upload(client, tmp_path, chat_rows(20))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
+        "hyperparameters": {"n_epochs": 3, "batch_size": 1}}})
+    deadline = time.time() + 120
+    while not list(client.fine_tuning.jobs.checkpoints.list(job.id)):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.kill()  # no goodbye: the store must carry the job across the restart
+    proc.wait()
+    time.sleep(1.0)  # the orphaned training process notices at its next step and exits
+    proc = start_server(data, lm_dir, port)
+    try:
+        done = wait(client, job.id)
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+        assert any("server restarted" in m for m in messages)
+        assert any(m.startswith("Fine-tuning job resumed from its last checkpoint") for m in messages)
+        assert any(m.startswith("Step 60/60") for m in messages)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_web_page_in_headless_chromium(server, tmp_path):
+    """The page at / lists jobs for a key typed into it (rendered by a real headless Chromium)."""
+    import shutil
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    client = openai.OpenAI(base_url=server["url"], api_key=KEY, max_retries=0)
+    assert client.fine_tuning.jobs.list().data, "earlier tests created jobs"
+    url = f"http://127.0.0.1:{server['port']}/#key={KEY}"
+    out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    assert "<h1>tunesmith</h1>" in dom and "Fine-tuning jobs" in dom
+    assert "<td>ftjob-" in dom and 'class="succeeded"' in dom and "<li>tiny</li>" in dom
