@@ -231,3 +231,21 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     dom = out.stdout
     assert "<h1>tunesmith</h1>" in dom and "Fine-tuning jobs" in dom
     assert "<td>ftjob-" in dom and 'class="succeeded"' in dom and "<li>tiny</li>" in dom
+
+
+def test_pause_and_resume(client, tmp_path):
+    f = upload(client, tmp_path, chat_rows(20))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
+        "hyperparameters": {"n_epochs": 2, "batch_size": 1}}})
+    deadline = time.time() + 120
+    while not list(client.fine_tuning.jobs.checkpoints.list(job.id)):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    client.fine_tuning.jobs.pause(job.id)
+    paused = wait(client, job.id, states=("paused", "succeeded"))
+    assert paused.status == "paused"
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = wait(client, job.id)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    assert any("paused" in m for m in messages) and any(m.startswith("Fine-tuning job resumed") for m in messages)
