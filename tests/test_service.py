@@ -71,6 +71,18 @@ def wait(client, job_id, states=("succeeded", "failed", "cancelled"), timeout=18
     raise AssertionError(f"job {job_id} stuck in {job.status}")
 
 
+def job_with_a_checkpoint(client, tmp_path, epochs: int):
+    """A 20-example job at batch size 1, returned once its first checkpoint exists (mid-run)."""
+    f = upload(client, tmp_path, chat_rows(20))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
+        "hyperparameters": {"n_epochs": epochs, "batch_size": 1}}})
+    deadline = time.time() + 120
+    while not list(client.fine_tuning.jobs.checkpoints.list(job.id)):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    return job
+
+
 def test_full_flow_with_the_official_client(client, tmp_path):
     f = upload(client, tmp_path, chat_rows(12))
     assert f.object == "file" and f.purpose == "fine-tune" and f.bytes > 0 and f.filename == "train.jsonl"
@@ -192,13 +204,7 @@ def test_server_restart_resumes_the_running_job(tmp_path, lm_dir):
     data, port = tmp_path / "data", free_port()
     proc = start_server(data, lm_dir, port)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
-    f = upload(client, tmp_path, chat_rows(20))
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
-        "hyperparameters": {"n_epochs": 3, "batch_size": 1}}})
-    deadline = time.time() + 120
-    while not list(client.fine_tuning.jobs.checkpoints.list(job.id)):
-        assert time.time() < deadline
-        time.sleep(0.1)
+    job = job_with_a_checkpoint(client, tmp_path, epochs=3)
     proc.kill()  # no goodbye: the store must carry the job across the restart
     proc.wait()
     time.sleep(1.0)  # the orphaned training process notices at its next step and exits
@@ -234,13 +240,7 @@ def test_web_page_in_headless_chromium(server, tmp_path):
 
 
 def test_pause_and_resume(client, tmp_path):
-    f = upload(client, tmp_path, chat_rows(20))
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
-        "hyperparameters": {"n_epochs": 2, "batch_size": 1}}})
-    deadline = time.time() + 120
-    while not list(client.fine_tuning.jobs.checkpoints.list(job.id)):
-        assert time.time() < deadline
-        time.sleep(0.1)
+    job = job_with_a_checkpoint(client, tmp_path, epochs=2)
     client.fine_tuning.jobs.pause(job.id)
     paused = wait(client, job.id, states=("paused", "succeeded"))
     assert paused.status == "paused"
