@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, desc in (("generate", cmd_generate, "Answer prompts with a fine-tuned LLM, streaming tokens."),
                              ("chat", cmd_chat, "Chat interactively with a fine-tuned LLM, streaming tokens.")):
-        g = sub.add_parser(name, help=desc.split(",")[0].lower(), description=desc)
+        g = sub.add_parser(name, help=desc.split(",")[0][0].lower() + desc.split(",")[0][1:], description=desc)
         g.add_argument("model", help="run folder, packaged model name (smollm2-135m-instruct), HF folder or .gguf")
         if name == "generate":
             g.add_argument("--prompt", action="append", help="a user message (repeatable; default: one per stdin line)")
