@@ -249,3 +249,34 @@ def test_pause_and_resume(client, tmp_path):
     assert done.status == "succeeded", done.error
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
     assert any("paused" in m for m in messages) and any(m.startswith("Fine-tuning job resumed") for m in messages)
+
+
+def test_stop_sequences_and_upload_limit(client, tmp_path, lm_dir):
+    msgs = [{"role": "user", "content": "Tell me about tea"}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0).choices[0].message.content
+    assert len(full) >= 4
+    stop = full[2:4]
+    cut = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # a second server with a 1 KB upload limit refuses a bigger file with OpenAI's error shape
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--data", str(tmp_path / "small"), "--port",
+                             str(port), "--api-key", KEY, "--max-upload-mb", "0.001", "--no-worker"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.1)
+        small = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            upload(small, tmp_path, chat_rows(30), "big.jsonl")
+        assert e.value.status_code == 413 and "limit" in e.value.message
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -65,17 +65,19 @@ class Engine:
 
             thread = threading.Thread(target=run)
             thread.start()
-            text = ""
-            finish = None
+            text, emitted, finish = "", 0, None
+            hold = max((len(s) for s in stop), default=1) - 1  # text that may still turn into a stop sequence
             for piece in streamer:
-                cut = _stop_at(text + piece, stop)
-                if cut is not None:
-                    yield cut[len(text):], None
-                    text = cut
-                    finish = "stop"
-                    break
                 text += piece
-                yield piece, None
+                cut = _stop_at(text, stop)
+                if cut is not None:
+                    text, finish = cut, "stop"
+                    break
+                if len(text) - hold > emitted:
+                    yield text[emitted:len(text) - hold], None
+                    emitted = len(text) - hold
+            if len(text) > emitted:
+                yield text[emitted:], None
             thread.join()
             new_tokens = out["ids"].shape[1] - ids.shape[1]
             if finish is None:
