@@ -41,23 +41,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import prepare_eval
     from .train import evaluate
-    from .train.artifacts import load_run
-    from .train.setup import choose_objective, peek_format
+    from .train.artifacts import encode_eval_set, load_run
     model, tok, cfg, task, labels = load_run(args.run)
     spec = args.data or cfg.data.eval
     if not spec:
         raise SystemExit("no evaluation data: pass --data FILE (the run had no data.eval)")
-    if tok is None:  # an image classifier
-        from .vision.data import encode_images
-        examples, _ = encode_images(spec, cfg.data.image_size, {v: i for i, v in enumerate(labels)})
-        result = evaluate(model, examples, task, 0, args.batch_size, len(labels))
-        print(json.dumps({"data": spec, "examples": len(examples), **result}, indent=2))
-        return 0
-    objective = "classification" if task == "classification" else choose_objective(cfg, peek_format(cfg))
-    examples = prepare_eval(spec, tok, cfg.data, objective, labels)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    examples = encode_eval_set(spec, tok, cfg, task, labels)
+    pad = getattr(tok, "pad_token_id", None) or 0
     result = evaluate(model, examples, task, pad, args.batch_size, len(labels) if labels else None)
     print(json.dumps({"data": spec, "examples": len(examples), **result}, indent=2))
     return 0
@@ -107,18 +98,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from safetensors.torch import save_file
-    from .io import atomic_directory
-    from .train.artifacts import load_run
+    from .train.artifacts import load_run, write_model_folder
     model, tok, cfg, task, labels = load_run(args.run, merge=True)
-    with atomic_directory(Path(args.out)) as tmp:
-        if task == "classification":
-            model.backbone.save_pretrained(tmp)
-            save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
-            (tmp / "labels.json").write_text(json.dumps(labels))
-        else:
-            model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    write_model_folder(Path(args.out), model, tok, task, labels)
     print(f"merged model written to {args.out} (loads with transformers' from_pretrained"
           f"{'; the classifier head is head.safetensors, labels in labels.json' if task == 'classification' else ''})")
     return 0

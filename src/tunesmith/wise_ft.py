@@ -16,18 +16,8 @@ from safetensors.torch import load_file
 
 from .errors import TunesmithError
 from .interpolate import interpolate_weights, scale_lora
-from .train.artifacts import load_run, save_result
+from .train.artifacts import encode_eval_set, load_run, save_result
 from .train.evaluate import evaluate
-
-
-def encode_eval_set(spec: str, tok, cfg, task: str, labels):
-    if tok is None:
-        from .vision.data import encode_images
-        return encode_images(spec, cfg.data.image_size, {v: i for i, v in enumerate(labels)})[0]
-    from .data import prepare_eval
-    from .train.setup import choose_objective, peek_format
-    objective = "classification" if task == "classification" else choose_objective(cfg, peek_format(cfg))
-    return prepare_eval(spec, tok, cfg.data, objective, labels)
 
 
 def _head_states(model, run_dir: Path, missing: str):

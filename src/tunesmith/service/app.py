@@ -184,12 +184,10 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
         if job["status"] not in allowed:
             raise APIError(400, f"Cannot {want} a job that is {job['status']}", param="fine_tuning_job_id")
         row = store.job_row(job_id)
-        if row["status"] in ("queued", "validating_files") and not row["pid"] and want == "cancel":
+        if want == "cancel" and not row["pid"]:  # nothing is running it: cancel right here
             store.update_job(job_id, status="cancelled", finished_at=now())
             store.add_event(job_id, "Fine-tuning job cancelled")
-        elif row["status"] == "paused" and want == "cancel":
-            store.update_job(job_id, status="cancelled", finished_at=now())
-        else:
+        else:  # the worker signals its child, which checkpoints and exits
             store.set_job_control(job_id, want=want)
         return store.get_job(job_id)
 

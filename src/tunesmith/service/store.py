@@ -102,14 +102,15 @@ class Store:
                        (body["id"], body["created_at"], json.dumps(body), body["status"], seq))
         return body
 
+    @staticmethod
+    def _job(row: sqlite3.Row) -> dict:
+        """The job object, with the status column (the source of truth) folded in."""
+        return {**json.loads(row["body"]), "status": row["status"]}
+
     def get_job(self, job_id: str) -> dict | None:
         with self.connect() as db:
             r = db.execute("SELECT body, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if not r:
-            return None
-        body = json.loads(r["body"])
-        body["status"] = r["status"]
-        return body
+        return self._job(r) if r else None
 
     def job_row(self, job_id: str) -> dict | None:
         with self.connect() as db:
@@ -119,20 +120,13 @@ class Store:
     def list_jobs(self) -> list[dict]:
         with self.connect() as db:
             rows = db.execute("SELECT body, status FROM jobs ORDER BY seq DESC").fetchall()
-        out = []
-        for r in rows:
-            b = json.loads(r["body"])
-            b["status"] = r["status"]
-            out.append(b)
-        return out
+        return [self._job(r) for r in rows]
 
     def update_job(self, job_id: str, **fields) -> dict:
         """Merge `fields` into the job object; `status` also goes to its own column."""
         with self.connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            r = db.execute("SELECT body, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            body = json.loads(r["body"])
-            body["status"] = r["status"]
+            body = self._job(db.execute("SELECT body, status FROM jobs WHERE id = ?", (job_id,)).fetchone())
             body.update(fields)
             db.execute("UPDATE jobs SET body = ?, status = ? WHERE id = ?", (json.dumps(body), body["status"], job_id))
             db.execute("COMMIT")

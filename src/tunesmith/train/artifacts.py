@@ -22,8 +22,15 @@ def save_result(run_dir: Path, model: nn.Module, tokenizer, cfg: RunConfig, task
         atomic_write_text(run_dir / "labels.json", json.dumps(labels))
     if cfg.adapter is not None:
         return save_adapter(model, run_dir / "adapter", metadata={"task": task})
-    target = run_dir / "model"
+    return write_model_folder(run_dir / "model", model, tokenizer, task, labels)
+
+
+def write_model_folder(target: Path, model: nn.Module, tokenizer, task: str, labels: list | None) -> Path:
+    """A plain model folder, replaced atomically: transformers weights (+ head.safetensors and labels.json for
+    classifiers), or a tunesmith vision model's weights and architecture."""
     with atomic_directory(target) as tmp:
+        if labels is not None:
+            atomic_write_text(tmp / "labels.json", json.dumps(labels))
         if tokenizer is None:  # a tunesmith vision model: weights + architecture
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
             atomic_write_text(tmp / VISION_MARKER, json.dumps({"arch": "mobilenet_v2", "num_classes": len(labels)}))
@@ -35,6 +42,17 @@ def save_result(run_dir: Path, model: nn.Module, tokenizer, cfg: RunConfig, task
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def encode_eval_set(spec: str, tok, cfg: RunConfig, task: str, labels: list | None) -> list[dict]:
+    """Encode an evaluation file/dataset with a finished run's settings and label set."""
+    if tok is None:
+        from ..vision.data import encode_images
+        return encode_images(spec, cfg.data.image_size, {v: i for i, v in enumerate(labels)})[0]
+    from ..data import prepare_eval
+    from .setup import choose_objective, peek_format
+    objective = "classification" if task == "classification" else choose_objective(cfg, peek_format(cfg))
+    return prepare_eval(spec, tok, cfg.data, objective, labels)
 
 
 def load_run(run_dir: str | Path, merge: bool = False):

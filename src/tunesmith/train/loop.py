@@ -159,8 +159,9 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
                     loss_sum, _ = loss_fn(forward(model, b, task), b)
                 (loss_sum / max(n_total, 1)).backward()
                 group_loss += float(loss_sum.detach())
-                window_tokens += units(b)
-                state["trained_tokens"] = state.get("trained_tokens", 0) + units(b)
+                n_units = units(b)
+                window_tokens += n_units
+                state["trained_tokens"] = state.get("trained_tokens", 0) + n_units
             if t.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
             opt.step()

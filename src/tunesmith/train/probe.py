@@ -47,7 +47,7 @@ def linear_probe(model: nn.Module, examples: list[dict], pad_id: int, epochs: fl
     steps_per_epoch = math.ceil(len(y) / batch_size)
     for _ in range(max(1, round(epochs * steps_per_epoch))):
         idx = torch.randint(0, len(y), (batch_size,), generator=g)
-        loss = F.cross_entropy(model.classify(x[idx].to(head.weight.dtype if hasattr(head, "weight") else x.dtype)), y[idx])
+        loss = F.cross_entropy(model.classify(x[idx].to(next(head.parameters()).dtype)), y[idx])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
