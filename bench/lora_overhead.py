@@ -5,10 +5,12 @@ Measures, in one process, with the two runs interleaved so machine noise hits bo
   2. unmerged inference                                   (tunesmith / PEFT)
   3. merged inference vs the plain base model             target: within 3% (ratio <= 1.03)
 Prints ratios (median of repeated timings), never absolute claims. Run: python bench/lora_overhead.py [--quick]
+On a GPU: python bench/lora_overhead.py --device cuda --hidden 2048 --layers 8 --seq 1024 --batch 8 [--bf16]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -30,11 +32,18 @@ def build(args):
     return LlamaForCausalLM(cfg)
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # GPU work is asynchronous: time it to completion
+
+
 def timed(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - t)
     return out
 
@@ -60,6 +69,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank on all linear layers (default 16)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per variant (default 20)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (GPU)")
     args = p.parse_args()
     if args.quick:
         args.hidden, args.layers, args.seq, args.batch, args.repeats = 128, 2, 64, 2, 3
@@ -68,8 +79,10 @@ def main() -> None:
     from tunesmith.adapters import load_adapter, merge_adapters, merge_and_unload
 
     torch.manual_seed(0)
-    ids = torch.randint(0, 8000, (args.batch, args.seq))
-    base = build(args)
+    device = torch.device(args.device)
+    ids = torch.randint(0, 8000, (args.batch, args.seq), device=device)
+    base = build(args).to(device)
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     # PEFT model; its adapter weights (made non-zero) are copied into tunesmith through the file format
@@ -83,10 +96,12 @@ def main() -> None:
         ref.save_pretrained(tmp)
         ours = copy.deepcopy(base)
         load_adapter(ours, tmp, trainable=True)
+        ours.to(device)
 
     def train_step(model, opt):
         def step():
-            loss = model(input_ids=ids, labels=ids).loss
+            with amp():
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -107,7 +122,7 @@ def main() -> None:
 
     def infer(model):
         def run():
-            with torch.inference_mode():
+            with torch.inference_mode(), amp():
                 model(input_ids=ids)
         return run
 
@@ -120,7 +135,9 @@ def main() -> None:
 
     print(f"model: Llama-arch hidden={args.hidden} layers={args.layers} seq={args.seq} batch={args.batch}; "
           f"LoRA r={args.rank} on {len(targets)} projections ({n_train['peft']:,} trainable); "
-          f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, peft {peft.__version__}, "
+          + (f"{torch.cuda.get_device_name(device)}{' bf16 autocast' if args.bf16 else ' fp32'}" if device.type == "cuda"
+             else f"{torch.get_num_threads()} CPU threads"))
     print(f"loss after {args.repeats + 2} identical steps: |tunesmith - peft| = {diff:.2e}")
     rows = [
         ("training step (fwd+bwd+AdamW)", train["tunesmith"] / train["peft"], "tunesmith / PEFT", "<= 1.00"),

@@ -12,6 +12,7 @@ overrides: any config field as section.key=value, e.g.
 sections: model, adapter, freeze, head, data, objective, training, output (see docs/config.md)
 The run folder (output.dir) gets config.yaml, metrics.jsonl, loss.png, checkpoints/, and adapter/ or model/.
 Ctrl-C saves a checkpoint; `--resume` continues from the latest one to the same result."""
+DEVICE_HELP = "auto (a CUDA GPU if present, then MPS, else CPU; default), cpu, cuda, cuda:N or mps"
 
 
 def cmd_train(args) -> int:
@@ -43,7 +44,9 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .train import evaluate
     from .train.artifacts import encode_eval_set, load_run
+    from .devices import resolve_device
     model, tok, cfg, task, labels = load_run(args.run)
+    model.to(resolve_device(args.device))
     spec = args.data or cfg.data.eval
     if not spec:
         raise SystemExit("no evaluation data: pass --data FILE (the run had no data.eval)")
@@ -61,7 +64,7 @@ def _messages(args, prompt: str) -> list[dict]:
 
 def cmd_generate(args) -> int:
     from .generate import generate, load_generator
-    model, tok = load_generator(args.model)
+    model, tok = load_generator(args.model, args.device)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for p in prompts:
         if len(prompts) > 1:
@@ -75,7 +78,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .generate import generate, load_generator
-    model, tok = load_generator(args.model)
+    model, tok = load_generator(args.model, args.device)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits")
     while True:
@@ -154,7 +157,8 @@ def cmd_interpolate(args) -> int:
         name, spec = item.split("=", 1)
         evals[name] = spec
     result = run_sweep(args.finetuned, parse_alphas(args.alphas), evals, select=args.select, out=args.out,
-                       save=args.save, missing=args.missing, batch_size=args.batch_size, base=args.base)
+                       save=args.save, missing=args.missing, batch_size=args.batch_size, base=args.base,
+                       device=args.device)
     rows, names = result["rows"], list(evals)
     metric = "accuracy" if any(f"{names[0]}_accuracy" in r for r in rows) else "loss"
     print("\n  alpha  " + "  ".join(f"{n + ' ' + metric:>16}" for n in names))
@@ -182,7 +186,7 @@ def cmd_serve(args) -> int:
     import uvicorn
     from .service.app import api_keys_from, create_app
     app = create_app(args.data, api_keys_from(args.api_key), _bases(args.model), args.max_upload_mb,
-                     start_worker=not args.no_worker)
+                     start_worker=not args.no_worker, device=args.device)
     print(f"tunesmith API on http://{args.host}:{args.port}/v1 (web page at /), data in {args.data}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -221,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder (output.dir of `tunesmith train`)")
     e.add_argument("--data", help="JSONL/CSV file or built-in dataset to evaluate on (default: the run's data.eval)")
     e.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.set_defaults(func=cmd_eval)
 
     for name, func, desc in (("generate", cmd_generate, "Answer prompts with a fine-tuned LLM, streaming tokens."),
@@ -234,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
         g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
         g.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
+        g.add_argument("--device", default="auto", help=DEVICE_HELP)
         g.set_defaults(func=func)
 
     m = sub.add_parser("merge", help="adapter + base -> plain model folder",
@@ -259,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--missing", choices=["error", "finetuned"], default="error",
                    help="a new head without a probe head: error (default) or keep the fine-tuned head at every alpha")
     w.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    w.add_argument("--device", default="auto", help=DEVICE_HELP)
     w.set_defaults(func=cmd_interpolate)
 
     s = sub.add_parser("serve", help="OpenAI-compatible fine-tuning API server",
@@ -272,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offer a local model folder as a base model (repeatable); packaged chat models are offered by default")
     s.add_argument("--max-upload-mb", type=float, default=100, help="largest accepted upload in MB (default 100)")
     s.add_argument("--no-worker", action="store_true", help="do not run jobs in this process (use `tunesmith worker`)")
+    s.add_argument("--device", default="auto", help="where chat completions run: " + DEVICE_HELP +
+                   " (training jobs use a GPU when there is one)")
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("worker", help="run queued fine-tuning jobs", description="Run jobs from a serve data folder, one at a time.")

@@ -94,6 +94,7 @@ class TrainingConfig:
     lr: peak learning rate; head_lr: a separate rate for a new head; loraplus_ratio: LoRA+ (B learns ratio x faster).
     schedule: cosine | linear | constant after warmup_steps (or warmup_ratio of all steps).
     max_grad_norm: gradient clipping (None: off). bf16: bfloat16 autocast. gradient_checkpointing: less memory.
+    device: auto (a CUDA GPU if there is one, then MPS, else CPU) | cpu | cuda | cuda:N | mps.
     eval_every: steps between evaluations (0: at each epoch end); eval_at_start: measure before training too.
     linear_probe_epochs: LP-FT; first train only the new head on frozen features for this many epochs (saved as
     probe_head.safetensors: theta_0's head for WiSE-FT), then fine-tune as configured.
@@ -115,6 +116,7 @@ class TrainingConfig:
     max_grad_norm: Optional[float] = 1.0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    device: str = "auto"
     eval_every: int = 0
     eval_at_start: bool = False
     linear_probe_epochs: float = 0.0
@@ -157,6 +159,8 @@ class RunConfig:
             (self.data.max_length >= 8, "data.max_length: must be at least 8 tokens"),
             (self.freeze.first_blocks >= 0, "freeze.first_blocks: must be >= 0"),
             (bool(self.data.train), "data.train: give a training file (JSONL/CSV) or a built-in dataset like 'bbc-news:train'"),
+            (t.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"),
+             f"training.device: must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -6,16 +6,17 @@ from pathlib import Path
 import torch
 
 
-def load_generator(spec: str):
-    """(model, tokenizer) from a run folder (adapter merged for speed) or a model spec."""
+def load_generator(spec: str, device: str = "auto"):
+    """(model, tokenizer) from a run folder (adapter merged for speed) or a model spec, on `device`."""
+    from .devices import resolve_device
     if (Path(spec) / "config.yaml").exists():
         from .train.artifacts import load_run
         model, tok, _, task, _ = load_run(spec, merge=True)
         if task != "causal_lm":
             raise SystemExit(f"{spec}: this run trained a classifier; use `tunesmith eval` instead of generate/chat")
-        return model, tok
+        return model.to(resolve_device(device)), tok
     from .models import load_model, load_tokenizer
-    return load_model(spec, "causal_lm").eval(), load_tokenizer(spec)
+    return load_model(spec, "causal_lm").eval().to(resolve_device(device)), load_tokenizer(spec)
 
 
 def chat_prompt_ids(tok, messages: list[dict]) -> torch.Tensor:
@@ -30,7 +31,8 @@ def generate(model, tok, messages: list[dict], max_new_tokens: int = 128, temper
              top_p: float = 1.0, seed: int | None = None, stream: bool = False) -> str:
     """Reply to `messages`; greedy when temperature is 0. With stream=True, tokens print as they come."""
     from transformers import TextStreamer
-    ids = chat_prompt_ids(tok, messages)
+    from .devices import model_device
+    ids = chat_prompt_ids(tok, messages).to(model_device(model))
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,

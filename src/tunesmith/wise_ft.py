@@ -86,11 +86,13 @@ def score(metrics: dict, task: str) -> float:
 
 def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str], select: str = "mean",
               out: str | Path | None = None, save: str | Path | None = None, missing: str = "error",
-              batch_size: int = 64, base: str | None = None, log=print) -> dict:
+              batch_size: int = 64, base: str | None = None, log=print, device: str = "auto") -> dict:
+    from .devices import resolve_device
     run_dir = Path(run_dir)
     if not eval_sets:
         raise TunesmithError("give at least one --eval NAME=DATA (e.g. --eval id=mnist:test --eval ood=digits:all)")
     interp = Interpolator(run_dir, missing, base)
+    interp.model.to(resolve_device(device))  # theta_0/theta_1 stay on the CPU and are copied in per alpha
     sets = {name: encode_eval_set(spec, interp.tok, interp.cfg, interp.task, interp.labels) for name, spec in eval_sets.items()}
     pad = getattr(interp.tok, "pad_token_id", None) or 0
     n_classes = len(interp.labels) if interp.labels else None

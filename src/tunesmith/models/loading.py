@@ -69,10 +69,21 @@ def load_vision_model(spec: str, num_labels: int | None):
     return model
 
 
+def _content_key(path: Path, sample: int = 1 << 20) -> str:
+    """A key from the file's size and sampled content, not its location: every checkout or virtualenv that
+    installs the same GGUF shares one cached conversion."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        for offset in (0, size // 2, max(0, size - sample)):
+            f.seek(offset)
+            h.update(f.read(sample))
+    return h.hexdigest()[:12]
+
+
 def _convert_gguf(gguf: Path, name: str) -> Path:
     """Dequantise a GGUF file once into a safetensors transformers folder in the cache."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = _content_key(gguf)
     target = cache_dir() / "models" / f"{name}-{key}"
     if (target / "config.json").exists():
         return target

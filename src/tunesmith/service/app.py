@@ -26,10 +26,10 @@ class APIError(Exception):
 
 
 def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str], max_upload_mb: float = 100,
-               start_worker: bool = True) -> FastAPI:
+               start_worker: bool = True, device: str = "auto") -> FastAPI:
     store = Store(data_dir)
     (store.dir / "bases.json").write_text(json.dumps(bases))
-    engine = Engine(store, bases)
+    engine = Engine(store, bases, device)
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
     app.state.store, app.state.stop = store, threading.Event()
 

@@ -13,8 +13,9 @@ from .store import Store, new_id
 
 
 class Engine:
-    def __init__(self, store: Store, bases: dict[str, str]) -> None:
-        self.store, self.bases = store, bases
+    def __init__(self, store: Store, bases: dict[str, str], device: str = "auto") -> None:
+        from ..devices import resolve_device
+        self.store, self.bases, self.device = store, bases, resolve_device(device)
         self.loaded: dict[str, tuple] = {}  # base name -> (model, tokenizer)
         self.lock = threading.Lock()  # one generation at a time per process: adapters are switched per request
 
@@ -27,13 +28,15 @@ class Engine:
         if base not in self.bases:
             raise KeyError(model_id)
         if base not in self.loaded:
-            self.loaded[base] = (load_model(self.bases[base], "causal_lm").eval(), load_tokenizer(self.bases[base]))
+            model = load_model(self.bases[base], "causal_lm").eval().to(self.device)
+            self.loaded[base] = (model, load_tokenizer(self.bases[base]))
         model, tok = self.loaded[base]
         if row is None:
             return model, tok, None
         name = "ft_" + hashlib.sha1(model_id.encode()).hexdigest()[:12]
         if name not in adapter_configs(model):
             load_adapter(model, Path(row["path"]) / "adapter", name=name, activate=False)
+            model.to(self.device)  # the new adapter's weights
         return model, tok, name
 
     def complete(self, model_id: str, messages: list[dict], max_tokens: int, temperature: float, top_p: float,
@@ -44,7 +47,7 @@ class Engine:
         from ..generate import chat_prompt_ids
         with self.lock:
             model, tok, adapter = self.resolve(model_id)
-            ids = chat_prompt_ids(tok, messages)
+            ids = chat_prompt_ids(tok, messages).to(self.device)
             if seed is not None:
                 torch.manual_seed(seed)
             streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)

@@ -32,12 +32,12 @@ def write_model_folder(target: Path, model: nn.Module, tokenizer, task: str, lab
         if labels is not None:
             atomic_write_text(tmp / "labels.json", json.dumps(labels))
         if tokenizer is None:  # a tunesmith vision model: weights + architecture
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+            save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
             atomic_write_text(tmp / VISION_MARKER, json.dumps({"arch": "mobilenet_v2", "num_classes": len(labels)}))
             return target
         if task == "classification":
             model.backbone.save_pretrained(tmp)
-            save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
+            save_file({k: v.cpu().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
         else:
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

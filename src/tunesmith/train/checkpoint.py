@@ -42,6 +42,7 @@ def save_checkpoint(folder: Path, model: nn.Module, opt, scheduler, trainer_stat
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = rng_state["torch"]
+    tensors.update({f"rng.cuda.{i}": st for i, st in enumerate(rng_state.get("cuda", []))})
     meta = {"trainer": trainer_state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
             "rng_python": rng_state["python"]}
     meta["scheduler"].pop("lr_lambdas", None)
@@ -58,7 +59,10 @@ def _jsonable(v):
 
 
 def capture_rng() -> dict:
-    return {"torch": torch.get_rng_state().clone(), "python": _py_state_to_json(random.getstate())}
+    state = {"torch": torch.get_rng_state().clone(), "python": _py_state_to_json(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on the GPU draws from these
+        state["cuda"] = [s.clone() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
 def _py_state_to_json(state):
@@ -100,6 +104,9 @@ def load_checkpoint(folder: Path, model: nn.Module, opt, scheduler) -> dict:
     sched["lr_lambdas"] = [None] * len(opt.param_groups)
     scheduler.load_state_dict(sched)
     torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
     v, internal, gauss = meta["rng_python"]
     random.setstate((v, tuple(internal), gauss))
     return meta["trainer"]

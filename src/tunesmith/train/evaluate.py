@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..data.batching import collate
+from ..devices import autocast, model_device, to_device
 from ..objectives import classification_loss_sum, lm_loss_sum, lm_token_correct, macro_f1
 
 
@@ -22,16 +23,19 @@ def forward(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torc
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, batch_size: int = 32,
-             num_classes: int | None = None) -> dict[str, float]:
+             num_classes: int | None = None, bf16: bool = False) -> dict[str, float]:
+    """Metrics over `examples`, on the device the model is on."""
     if not examples:
         return {}
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total_loss, count, correct = 0.0, 0, 0
     preds, gold = [], []
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id)
-        logits = forward(model, batch, task)
+        batch = to_device(collate(examples[i:i + batch_size], pad_id), device)
+        with autocast(device, bf16):
+            logits = forward(model, batch, task).float()
         if task == "classification":
             loss, n = classification_loss_sum(logits, batch["label"])
             p = logits.argmax(-1)

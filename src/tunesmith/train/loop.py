@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..config import RunConfig, dump_config
+from ..devices import autocast as autocast_on, resolve_device, to_device
 from ..errors import ConfigError
 from ..freeze import set_train_mode, trainable_summary
 from ..io import atomic_write_text
@@ -69,13 +69,17 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
     start = time.perf_counter()
+    device = resolve_device(t.device)
     s = build(cfg)
     model, data, task = s.model, s.data, s.task
+    model.to(device)
     pad_id = getattr(s.tokenizer, "pad_token_id", None) or 0
     for note in data.notes:
         log(f"data: {note}")
     summary = trainable_summary(model)
     log(str(summary))
+    if device.type != "cpu":
+        log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
 
     batches_per_epoch = math.ceil(len(data.train) / t.batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
@@ -88,7 +92,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
     metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state["step"] if checkpoint else -1)
     loss_fn = (lambda lg, b: classification_loss_sum(lg, b["label"], cfg.objective.label_smoothing)) \
         if task == "classification" else (lambda lg, b: lm_loss_sum(lg, b["labels"]))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if t.bf16 else nullcontext()
+    autocast = autocast_on(device, t.bf16)
     orders: dict[int, list[list[int]]] = {}
 
     def micro_batch(micro: int) -> dict[str, torch.Tensor]:
@@ -100,7 +104,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
         if "pixel_values" in batch and cfg.data.augment != "none":  # seeded by position: resume sees the same
             g = torch.Generator().manual_seed(t.seed * 1_000_003 + micro)
             batch["pixel_values"] = augment(batch["pixel_values"], cfg.data.augment, g)
-        return batch
+        return to_device(batch, device)
 
     unit_name = "images_per_s" if data.fmt == "image" else "tokens_per_s"
 
@@ -114,7 +118,8 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
         return b["label"].numel() if task == "classification" else int((b["labels"][:, 1:] != -100).sum())
 
     def do_eval(step: int) -> dict:
-        result = evaluate(model, data.eval, task, pad_id, t.eval_batch_size, len(data.labels) if data.labels else None)
+        result = evaluate(model, data.eval, task, pad_id, t.eval_batch_size, len(data.labels) if data.labels else None,
+                          bf16=t.bf16)
         set_train_mode(model, cfg.freeze.batchnorm)
         if result:
             metrics.write(event="eval", step=step, **result)
@@ -129,7 +134,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
         from safetensors.torch import save_file
         probe = linear_probe(model, data.train, pad_id, t.linear_probe_epochs, t.head_lr or 10 * t.lr,
                              t.batch_size, t.seed, t.weight_decay)
-        save_file({k: v.contiguous() for k, v in probe.items()}, str(run_dir / "probe_head.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in probe.items()}, str(run_dir / "probe_head.safetensors"))
         if data.eval:
             probed = do_eval(0)
             metrics.write(event="probe", step=0, **probed)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batching import collate
+from ..devices import model_device, to_device
 from ..errors import TunesmithError
 
 
@@ -25,8 +26,9 @@ def _inputs(batch: dict) -> dict:
 @torch.no_grad()
 def cached_features(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 64):
     feats, labels = [], []
+    device = model_device(model)
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id)
+        batch = to_device(collate(examples[i:i + batch_size], pad_id), device)
         feats.append(model.pooled_features(**_inputs(batch)).float())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
@@ -46,7 +48,7 @@ def linear_probe(model: nn.Module, examples: list[dict], pad_id: int, epochs: fl
     g = torch.Generator().manual_seed(seed + 7919)
     steps_per_epoch = math.ceil(len(y) / batch_size)
     for _ in range(max(1, round(epochs * steps_per_epoch))):
-        idx = torch.randint(0, len(y), (batch_size,), generator=g)
+        idx = torch.randint(0, len(y), (batch_size,), generator=g).to(y.device)
         loss = F.cross_entropy(model.classify(x[idx].to(next(head.parameters()).dtype)), y[idx])
         loss.backward()
         opt.step()
