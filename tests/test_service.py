@@ -23,10 +23,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir, lm_dir, port):
+def start_server(data_dir, lm_dir, port, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--data", str(data_dir), "--port", str(port),
-                             "--api-key", KEY, "--model", f"tiny={lm_dir}"], env=env,
+                             "--api-key", KEY, "--model", f"tiny={lm_dir}", *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -121,6 +121,10 @@ def test_full_flow_with_the_official_client(client, tmp_path):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == reply.choices[0].message.content  # greedy: same text, streamed
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    early = client.chat.completions.create(model=ckpts[-1].fine_tuned_model_checkpoint, max_tokens=5, temperature=0,
+                                           messages=[{"role": "user", "content": "Tell me about cats"}])
+    assert early.model == ckpts[-1].fine_tuned_model_checkpoint and early.choices[0].message.content is not None
+    assert ckpts[-1].fine_tuned_model_checkpoint in ids
     base = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me about cats"}],
                                           max_tokens=5, temperature=0)
     assert base.choices[0].message.content is not None
@@ -280,3 +284,33 @@ def test_stop_sequences_and_upload_limit(client, tmp_path, lm_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_two_workers_share_one_store(tmp_path, lm_dir):
+    """`serve --no-worker` plus two `tunesmith worker` processes: jobs run in parallel, each exactly once."""
+    data, port = tmp_path / "data", free_port()
+    server = start_server(data, lm_dir, port, "--no-worker")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    workers = [subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "worker", "--data", str(data)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for _ in range(2)]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+    try:
+        f = upload(client, tmp_path, chat_rows(24))
+        jobs = [client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
+            "hyperparameters": {"n_epochs": 2, "batch_size": 1}}}) for _ in range(2)]
+        both_running, deadline = False, time.time() + 180
+        while time.time() < deadline:
+            states = [client.fine_tuning.jobs.retrieve(j.id).status for j in jobs]
+            both_running |= states == ["running", "running"]
+            if all(s in ("succeeded", "failed", "cancelled") for s in states):
+                break
+            time.sleep(0.2)
+        assert states == ["succeeded", "succeeded"], [client.fine_tuning.jobs.retrieve(j.id).error for j in jobs]
+        assert both_running, "the two workers never ran the jobs at the same time"
+        for j in jobs:
+            messages = [e.message for e in client.fine_tuning.jobs.list_events(j.id, limit=1000)]
+            assert sum(m.startswith("Fine-tuning job started") for m in messages) == 1, "a job was claimed twice"
+    finally:
+        for p in [*workers, server]:
+            p.terminate()
+            p.wait(timeout=30)

@@ -48,13 +48,19 @@ def base_model_hash(model: nn.Module) -> str | None:
     internal = tuple(f"{n}.{part}" for n, layer in layers.items() for part in
                      {k.split(".")[0] for k, _ in layer.named_parameters()} - {"base_layer"})
     internal += tuple(f"{name}." for cfg in adapter_configs(model).values() for name, _ in named_modules_to_save(model, cfg))
+    base = [(n, p) for n, p in sorted(model.state_dict().items()) if not n.startswith(internal)]
+    # The weights change only in place (merge, an optimizer step) or by replacement, both of which show in
+    # the tensors' storage pointers and version counters: repeated saves (checkpoints) skip the rehash.
+    key = tuple((n, p.data_ptr(), p._version) for n, p in base)
+    cached = model.__dict__.get("_tunesmith_base_hash")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        if name.startswith(internal):
-            continue
+    for name, p in base:
         name = name.replace(".base_layer.", ".")
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    model.__dict__["_tunesmith_base_hash"] = (key, h.hexdigest())
     return h.hexdigest()
 
 

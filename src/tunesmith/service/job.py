@@ -103,8 +103,12 @@ def run(job_id: str, data_dir: str) -> int:
         total = info["total_steps"]
         store.add_event(job_id, f"Step {step}/{total}: training loss={info['loss']:.4f}", type_="metrics",
                         data={"step": step, "train_loss": info["loss"], "total_steps": total})
-        if info.get("checkpoint"):
+        if info.get("checkpoint"):  # like OpenAI's, a checkpoint is a model you can chat with
+            from ..adapters import save_adapter
             name = f"{_model_name(job, base_name)}:ckpt-step-{step}"
+            folder = run_dir / "checkpoint-models" / f"step-{step}"
+            save_adapter(info["model"], folder / "adapter", metadata={"task": "causal_lm", "step": str(step)})
+            store.add_model(name, job_id, job["model"], str(folder), job.get("organization_id", "user"))
             store.add_checkpoint(job_id, step, {"step": step, "train_loss": info["loss"]}, name)
 
     try:

@@ -54,7 +54,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
     """Run a fine-tune described by `cfg`. Returns a summary (losses, eval metrics, paths, time).
 
     on_step(step, info) is called after every optimizer step; info holds 'loss' (this step's), 'total_steps',
-    and 'checkpoint' (the folder) when one was written. An exception from it stops the run (as a crash would).
+    'checkpoint' (the folder) when one was written, and 'model' (read it, do not change it). An exception from it stops the run (as a crash would).
     """
     run_dir = Path(cfg.output.dir)
     t = cfg.training
@@ -201,7 +201,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
                 saved_ckpt = checkpoint_now()
             if on_step is not None:
                 on_step(state["step"], {"loss": group_loss / max(n_total, 1), "total_steps": total_steps,
-                                        "checkpoint": saved_ckpt})
+                                        "checkpoint": saved_ckpt, "model": model})
             if stopped_early:
                 bar.write(f"early stopping: eval loss has not improved for {t.early_stopping_patience} evaluations")
                 break
