@@ -122,3 +122,33 @@ def test_real_minilm_both_directions(tmp_path):
     model = fresh()
     load_adapter(model, tmp_path / "peft")
     assert torch.allclose(run(model), expected, atol=ATOL)
+
+
+def test_several_adapters_in_one_folder_both_ways(tmp_path):
+    """PEFT's multi-adapter layout ('default' on top, others in subfolders) written and read by both sides."""
+    from tunesmith.adapters import load_adapters, save_adapters, set_active_adapters
+    ids = token_batch()
+    base = tiny_llama()
+    ours = copy.deepcopy(base)
+    add_adapter(ours, LoraConfig(targets=["q_proj", "v_proj"], r=4, alpha=8))
+    add_adapter(ours, LoraConfig(targets=["up_proj"], r=2, alpha=2), name="math", activate=False)
+    perturb_adapters(ours)
+    save_adapters(ours, tmp_path / "ts")
+    assert (tmp_path / "ts" / "adapter_config.json").exists() and (tmp_path / "ts" / "math" / "adapter_config.json").exists()
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ts")
+    ref.load_adapter(tmp_path / "ts" / "math", adapter_name="math")
+    outs = {}
+    for name in ("default", "math"):
+        set_active_adapters(ours, name)
+        ref.set_adapter(name)
+        outs[name] = logits(ours, ids)
+        assert torch.allclose(outs[name], logits(ref, ids), atol=ATOL), name
+    assert not torch.allclose(outs["default"], outs["math"], atol=1e-3), "two different adapters were compared"
+
+    ref.save_pretrained(tmp_path / "peft")  # PEFT's own layout back into tunesmith
+    again = copy.deepcopy(base)
+    assert load_adapters(again, tmp_path / "peft") == ["default", "math"]
+    for name in ("default", "math"):
+        set_active_adapters(again, name)
+        ref.set_adapter(name)
+        assert torch.allclose(logits(again, ids), logits(ref, ids), atol=ATOL), name

@@ -88,7 +88,9 @@ def test_full_flow_with_the_official_client(client, tmp_path):
     assert f.object == "file" and f.purpose == "fine-tune" and f.bytes > 0 and f.filename == "train.jsonl"
     assert client.files.retrieve(f.id).id == f.id
     assert client.files.content(f.id).read().decode().count("\n") == 12
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="demo", seed=3, metadata={"team": "a"},
+    val = upload(client, tmp_path, chat_rows(10), "valid.jsonl")
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, validation_file=val.id, suffix="demo", seed=3,
+                                         metadata={"team": "a"},
                                          method={"type": "supervised", "supervised": {"hyperparameters": {
                                              "n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 5}}})
     assert job.status == "validating_files" and job.id.startswith("ftjob-")
@@ -98,15 +100,20 @@ def test_full_flow_with_the_official_client(client, tmp_path):
     assert done.hyperparameters.n_epochs == 2 and done.trained_tokens > 0
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     order = ["Created fine-tuning job", "Validating training file", "Files validated", "Fine-tuning job started",
-             "Step 1/12", "New fine-tuned model created", "The job has successfully completed"]
+             "Step 1/12", "New fine-tuned model created", "Fine tuning job successfully completed"]
     positions = [next(i for i, m in enumerate(reversed(messages)) if m.startswith(o)) for o in order]
     assert positions == sorted(positions), messages
     metrics = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
     assert len(metrics) == 12 and "train_loss" in metrics[0].data
     ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     assert [c.step_number for c in ckpts] == [10, 5] and ckpts[0].metrics.train_loss > 0
+    assert 0 <= ckpts[0].metrics.train_mean_token_accuracy <= 1 and ckpts[0].metrics.step == 10
     result = client.files.content(done.result_files[0]).read().decode().splitlines()
     assert result[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(result) == 13
+    assert all(0 <= float(line.split(",")[2]) <= 1 for line in result[1:])
+    with_valid = [int(line.split(",")[0]) for line in result[1:] if line.split(",")[3]]
+    assert with_valid == [6, 12], "the validation file is evaluated at each epoch end"
+    assert metrics[0].data["step"] == 12 and metrics[0].data["valid_loss"] > 0
     listed = client.fine_tuning.jobs.list(metadata={"team": "a"})
     assert [j.id for j in listed.data] == [job.id]
 
@@ -314,3 +321,28 @@ def test_two_workers_share_one_store(tmp_path, lm_dir):
         for p in [*workers, server]:
             p.terminate()
             p.wait(timeout=30)
+
+
+def test_chat_parameters_are_validated_and_n_gives_choices(client):
+    msgs = [{"role": "user", "content": "Tell me about jazz"}]
+    for bad, param in (({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
+                       ({"max_tokens": "ten"}, "max_tokens"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=msgs, **bad)
+        assert e.value.body["param"] == param, (bad, e.value.body)
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=msgs)
+    two = client.chat.completions.create(model="tiny", messages=msgs, n=2, max_tokens=6, temperature=1.0, seed=5)
+    assert [c.index for c in two.choices] == [0, 1]
+    again = client.chat.completions.create(model="tiny", messages=msgs, n=2, max_tokens=6, temperature=1.0, seed=5)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices], "seeded: reproducible"
+    one = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=1.0, seed=5)
+    assert one.choices[0].message.content == two.choices[0].message.content
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens, "the prompt is counted once"
+    assert two.usage.completion_tokens >= one.usage.completion_tokens
+    assert two.usage.total_tokens == two.usage.prompt_tokens + two.usage.completion_tokens
+    parts = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Tell me about jazz"}]}])
+    assert parts.choices[0].message.content is not None

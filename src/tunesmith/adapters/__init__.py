@@ -7,7 +7,7 @@ from .manage import (
     disable_adapters, mark_trainable, merge_adapters, merge_and_unload, set_active_adapters, unload,
     unmerge_adapters,
 )
-from .peft_format import load_adapter, read_adapter_config, save_adapter
+from .peft_format import load_adapter, load_adapters, read_adapter_config, save_adapter, save_adapters
 
 
 def apply_lora(model, targets="all-linear", name: str = "default", **options) -> InjectionReport:
@@ -19,6 +19,7 @@ __all__ = [
     "AdapterLayer", "AdapterTargets", "BottleneckConfig", "IA3Config", "InjectionReport", "LoraConfig",
     "active_adapters", "adapter_configs", "adapter_layers", "add_adapter", "apply_lora", "combine_adapters",
     "config_from_dict", "config_to_dict", "delete_adapter", "disable_adapters", "find_targets", "load_adapter",
+    "load_adapters", "save_adapters",
     "mark_trainable", "merge_adapters", "merge_and_unload", "read_adapter_config", "save_adapter",
     "set_active_adapters", "unload", "unmerge_adapters",
 ]

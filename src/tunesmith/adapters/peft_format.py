@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ from ..io import atomic_directory, atomic_write_bytes, atomic_write_text
 from .config import AdapterConfig, BottleneckConfig, IA3Config, LoraConfig
 from .inject import candidate_modules, matches, pattern_value
 from .layer import AdapterLayer
-from .manage import add_adapter, adapter_configs, adapter_layers, delete_adapter, named_modules_to_save
+from .manage import (
+    add_adapter, adapter_configs, adapter_layers, delete_adapter, named_modules_to_save, set_active_adapters,
+)
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PREFIX = "base_model.model."
@@ -130,17 +133,62 @@ def _exact(name: str) -> str:
 def save_adapter(model: nn.Module, path: str | Path, name: str = "default", metadata: dict | None = None) -> Path:
     """Write adapter `name` to folder `path` atomically, in PEFT's format plus tunesmith metadata."""
     _require_known(model, name)
-    path = Path(path)
+    with atomic_directory(path) as tmp:
+        _write_adapter(model, tmp, name, metadata)
+    return Path(path)
+
+
+def save_adapters(model: nn.Module, path: str | Path, names: list[str] | None = None,
+                  metadata: dict | None = None) -> Path:
+    """Write several adapters to one folder in PEFT's multi-adapter layout, atomically: 'default' at the top,
+    every other adapter in a subfolder named after it (what PeftModel.save_pretrained writes and
+    PeftModel.from_pretrained(..., subfolder) / load_adapter read)."""
+    names = list(names or adapter_configs(model))
+    for name in names:
+        _require_known(model, name)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+            raise AdapterLoadError(f"adapter name {name!r} cannot be a folder name; use letters, digits, '_', '-', '.'")
+    with atomic_directory(path) as tmp:
+        for name in names:
+            folder = tmp if name == "default" else tmp / name
+            folder.mkdir(exist_ok=True)
+            _write_adapter(model, folder, name, metadata)
+    return Path(path)
+
+
+def _write_adapter(model: nn.Module, folder: Path, name: str, metadata: dict | None) -> None:
     config = _peft_config(model, name)
     tensors = adapter_state_dict(model, name)
     header = {"format": "pt", "tunesmith_version": __version__, "adapter_name": name,
               "base_model": str(config["base_model_name_or_path"] or ""), "base_model_hash": base_model_hash(model) or "",
               "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     header.update({k: str(v) for k, v in (metadata or {}).items()})
-    with atomic_directory(path) as tmp:
-        atomic_write_bytes(tmp / WEIGHTS, st_save(tensors, metadata=header))
-        atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return path
+    atomic_write_bytes(folder / WEIGHTS, st_save(tensors, metadata=header))
+    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_adapters(model: nn.Module, path: str | Path, *, trainable: bool = False) -> list[str]:
+    """Load every adapter of a multi-adapter folder (PEFT's layout): the top-level one as 'default', each
+    subfolder holding adapter_config.json under its folder name. Activates 'default' (else the first);
+    returns the names loaded."""
+    path = Path(path)
+    found: list[tuple[str, Path]] = []
+    if path.is_dir():
+        found = [("default", path)] if (path / CONFIG).exists() else []
+        found += [(p.name, p) for p in sorted(path.iterdir()) if p.is_dir() and (p / CONFIG).exists()]
+    if not found:
+        raise AdapterLoadError(f"{path}: no {CONFIG} here or in any subfolder; not an adapter folder")
+    loaded: list[str] = []
+    try:
+        for name, folder in found:
+            load_adapter(model, folder, name, trainable=trainable, activate=False)
+            loaded.append(name)
+    except Exception:
+        for name in loaded:  # all or nothing
+            delete_adapter(model, name)
+        raise
+    set_active_adapters(model, loaded[0])
+    return loaded
 
 
 def _require_known(model: nn.Module, name: str) -> None:

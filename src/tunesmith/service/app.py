@@ -11,8 +11,10 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from .inference import Engine, completion_id, created
+from .chat import ChatRequestError, complete as chat_complete, parse_chat_request, stream as chat_stream
+from .inference import Engine
 from .store import Store, new_id, now
 
 HYPERPARAMETERS = {"n_epochs": (int, 1, 50), "batch_size": (int, 1, 256), "learning_rate_multiplier": (float, 1e-6, 100.0)}
@@ -246,55 +248,26 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(request: Request):
-        body = await request.json()
-        model_id = body.get("model")
+        try:
+            body = await request.json()
+        except ValueError:
+            raise APIError(400, "The request body is not valid JSON") from None
+        model_id = body.get("model") if isinstance(body, dict) else None
         if model_id not in bases and store.get_model(model_id or "") is None:
             raise APIError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages must be a non-empty list", param="messages")
-        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 256)
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        args = (model_id, [{"role": m["role"], "content": m.get("content") or ""} for m in messages], max_tokens,
-                float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
-                float(body.get("top_p") or 1.0), stop, body.get("seed"))
-        cid, ts = completion_id(), created()
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(engine, args, cid, ts, model_id, include_usage), media_type="text/event-stream")
-        text, final = "", None
-        for piece, info in engine.complete(*args):
-            text += piece
-            final = info or final
-        return {"id": cid, "object": "chat.completion", "created": ts, "model": model_id, "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                             "logprobs": None, "finish_reason": final["finish_reason"]}], "usage": final["usage"]}
+        try:
+            req = parse_chat_request(body)
+        except ChatRequestError as e:
+            raise APIError(400, e.message, param=e.param) from None
+        if req.stream:  # Starlette iterates a plain generator in its thread pool
+            return StreamingResponse(chat_stream(engine, req), media_type="text/event-stream")
+        return await run_in_threadpool(chat_complete, engine, req)  # generation must not block the event loop
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         return (Path(__file__).parent / "index.html").read_text()
 
     return app
-
-
-def _sse(engine: Engine, args: tuple, cid: str, ts: int, model_id: str, include_usage: bool):
-    def chunk(delta: dict, finish=None, usage=None) -> str:
-        obj = {"id": cid, "object": "chat.completion.chunk", "created": ts, "model": model_id,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if delta is not None else []}
-        if usage is not None:
-            obj["usage"] = usage
-        return f"data: {json.dumps(obj)}\n\n"
-
-    yield chunk({"role": "assistant", "content": ""})
-    for piece, info in engine.complete(*args):
-        if piece:
-            yield chunk({"content": piece})
-        if info:
-            yield chunk({}, info["finish_reason"])
-            if include_usage:
-                yield chunk(None, usage=info["usage"])
-    yield "data: [DONE]\n\n"
 
 
 def api_keys_from(cli_keys: list[str] | None) -> list[str]:

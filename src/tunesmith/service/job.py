@@ -56,7 +56,7 @@ def result_csv(metrics_path: Path) -> bytes:
     w.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
     for r in (r for r in rows if r.get("event") == "train"):
         e = evals.get(r["step"], {})
-        w.writerow([r["step"], r["loss"], "", e.get("eval_loss", ""), e.get("eval_token_accuracy", "")])
+        w.writerow([r["step"], r["loss"], r.get("accuracy", ""), e.get("eval_loss", ""), e.get("eval_token_accuracy", "")])
     return out.getvalue().encode()
 
 
@@ -101,15 +101,18 @@ def run(job_id: str, data_dir: str) -> int:
         if os.getppid() != parent:  # the server died: stop; the restarted server resumes from the last checkpoint
             os._exit(75)
         total = info["total_steps"]
+        step_metrics = {"step": step, "train_loss": info["loss"], "train_mean_token_accuracy": info["accuracy"]}
+        if info.get("eval"):
+            step_metrics.update(valid_loss=info["eval"]["eval_loss"], valid_mean_token_accuracy=info["eval"]["eval_token_accuracy"])
         store.add_event(job_id, f"Step {step}/{total}: training loss={info['loss']:.4f}", type_="metrics",
-                        data={"step": step, "train_loss": info["loss"], "total_steps": total})
+                        data={**step_metrics, "total_steps": total})
         if info.get("checkpoint"):  # like OpenAI's, a checkpoint is a model you can chat with
             from ..adapters import save_adapter
             name = f"{_model_name(job, base_name)}:ckpt-step-{step}"
             folder = run_dir / "checkpoint-models" / f"step-{step}"
             save_adapter(info["model"], folder / "adapter", metadata={"task": "causal_lm", "step": str(step)})
             store.add_model(name, job_id, job["model"], str(folder), job.get("organization_id", "user"))
-            store.add_checkpoint(job_id, step, {"step": step, "train_loss": info["loss"]}, name)
+            store.add_checkpoint(job_id, step, step_metrics, name)
 
     try:
         result = train(cfg, resume=resume, on_step=on_step, log=lambda *_: None)
@@ -126,7 +129,7 @@ def run(job_id: str, data_dir: str) -> int:
     store.add_event(job_id, f"New fine-tuned model created: {model_id}")
     store.update_job(job_id, status="succeeded", fine_tuned_model=model_id, finished_at=_now(),
                      result_files=[results["id"]], trained_tokens=result.get("trained_tokens"))
-    store.add_event(job_id, "The job has successfully completed")
+    store.add_event(job_id, "Fine tuning job successfully completed")  # OpenAI's wording
     return 0
 
 

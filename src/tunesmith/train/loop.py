@@ -20,7 +20,7 @@ from ..devices import autocast as autocast_on, resolve_device, to_device
 from ..errors import ConfigError
 from ..freeze import set_train_mode, trainable_summary
 from ..io import atomic_write_text
-from ..objectives import classification_loss_sum, lm_loss_sum
+from ..objectives import classification_loss_sum, lm_loss_sum, lm_token_correct
 from ..data.batching import batches_for_epoch, collate
 from ..vision.data import augment
 from .artifacts import save_result
@@ -53,8 +53,9 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
           log: Callable = print) -> dict:
     """Run a fine-tune described by `cfg`. Returns a summary (losses, eval metrics, paths, time).
 
-    on_step(step, info) is called after every optimizer step; info holds 'loss' (this step's), 'total_steps',
-    'checkpoint' (the folder) when one was written, and 'model' (read it, do not change it). An exception from it stops the run (as a crash would).
+    on_step(step, info) is called after every optimizer step; info holds this step's 'loss' and 'accuracy'
+    (token accuracy for LMs), 'total_steps', 'checkpoint' (the folder) when one was written, 'eval' (metrics)
+    when an evaluation ran at this step, and 'model' (read it, do not change it). An exception from it stops the run (as a crash would).
     """
     run_dir = Path(cfg.output.dir)
     t = cfg.training
@@ -92,6 +93,8 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
     metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state["step"] if checkpoint else -1)
     loss_fn = (lambda lg, b: classification_loss_sum(lg, b["label"], cfg.objective.label_smoothing)) \
         if task == "classification" else (lambda lg, b: lm_loss_sum(lg, b["labels"]))
+    correct_fn = (lambda lg, b: int((lg.argmax(-1) == b["label"]).sum())) \
+        if task == "classification" else (lambda lg, b: lm_token_correct(lg, b["labels"]))
     autocast = autocast_on(device, t.bf16)
     orders: dict[int, list[list[int]]] = {}
 
@@ -145,7 +148,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
         log("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
     set_train_mode(model, cfg.freeze.batchnorm)
     bar = _progress(total_steps, state["step"], cfg.output.progress)
-    window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    window_loss, window_count, window_tokens, window_correct, window_start = 0.0, 0, 0, 0, time.perf_counter()
     last_eval: dict = {}
     last_eval_step = -1
     stopped_early = False
@@ -158,12 +161,15 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
             step = state["step"]
             group = [micro_batch(step * t.grad_accum + k) for k in range(t.grad_accum)]
             n_total = sum(count(b) for b in group)
-            group_loss = 0.0
+            group_loss, group_correct = 0.0, 0
             for b in group:
                 with autocast:
-                    loss_sum, _ = loss_fn(forward(model, b, task), b)
+                    logits = forward(model, b, task)
+                    loss_sum, _ = loss_fn(logits, b)
                 (loss_sum / max(n_total, 1)).backward()
                 group_loss += float(loss_sum.detach())
+                group_correct += correct_fn(logits.detach(), b)
+                del logits
                 n_units = units(b)
                 window_tokens += n_units
                 state["trained_tokens"] = state.get("trained_tokens", 0) + n_units
@@ -176,15 +182,17 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
             train_seconds += time.perf_counter() - step_start
             window_loss += group_loss
             window_count += n_total
+            window_correct += group_correct
             bar.update(1)
             if state["step"] % t.log_every == 0 or state["step"] == total_steps:
                 elapsed = time.perf_counter() - window_start
-                rec = {"loss": window_loss / max(window_count, 1), "lr": sched.get_last_lr()[0],
+                rec = {"loss": window_loss / max(window_count, 1), "accuracy": window_correct / max(window_count, 1),
+                       "lr": sched.get_last_lr()[0],
                        unit_name: window_tokens / max(elapsed, 1e-9),
                        "epoch": round(state["step"] * t.grad_accum / batches_per_epoch, 3)}
                 metrics.write(event="train", step=state["step"], **rec)
                 bar.set_postfix({"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", unit_name: f"{rec[unit_name]:.0f}"})
-                window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                window_loss, window_count, window_tokens, window_correct, window_start = 0.0, 0, 0, 0, time.perf_counter()
             epoch_end = (state["step"] * t.grad_accum) // batches_per_epoch > (step * t.grad_accum) // batches_per_epoch
             if data.eval and ((t.eval_every and state["step"] % t.eval_every == 0) or (not t.eval_every and epoch_end)):
                 last_eval, last_eval_step = do_eval(state["step"]), state["step"]
@@ -200,8 +208,9 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
             if t.save_every and state["step"] % t.save_every == 0 and state["step"] < total_steps:
                 saved_ckpt = checkpoint_now()
             if on_step is not None:
-                on_step(state["step"], {"loss": group_loss / max(n_total, 1), "total_steps": total_steps,
-                                        "checkpoint": saved_ckpt, "model": model})
+                on_step(state["step"], {"loss": group_loss / max(n_total, 1), "accuracy": group_correct / max(n_total, 1),
+                                        "total_steps": total_steps, "checkpoint": saved_ckpt, "model": model,
+                                        "eval": last_eval if last_eval_step == state["step"] else None})
             if stopped_early:
                 bar.write(f"early stopping: eval loss has not improved for {t.early_stopping_patience} evaluations")
                 break
