@@ -92,6 +92,9 @@ def test_inspect_suggests_targets(lm_dir, capsys):
     assert main(["inspect", str(lm_dir)]) == 0
     out = capsys.readouterr().out
     assert "model.layers (2 blocks)" in out and "q_proj" in out and "all-linear" in out
+    assert main(["inspect", "mobilenet-v2-imagenet", "--task", "classification"]) == 0
+    out = capsys.readouterr().out  # a CNN's numbered convolutions are grouped by kind, and all-conv suggested
+    assert "features (19 blocks)" in out and "depthwise 3x3 conv       x17" in out and "all-conv" in out
 
 
 def test_chat_streams_and_keeps_history(tmp_path, lm_dir):

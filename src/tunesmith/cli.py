@@ -129,7 +129,7 @@ def cmd_inspect(args) -> int:
             own = sum(p.numel() for p in module.parameters(recurse=False))
             print(f"  {name:<60} {type(module).__name__:<22} {own:>12,}")
         if layout and not is_head_name(name):
-            leaves.setdefault(name.split(".")[-1], []).append(f"{type(module).__name__}{tuple(module.weight.shape)}")
+            leaves.setdefault(_target_group(name, module), []).append(f"{type(module).__name__}{tuple(module.weight.shape)}")
     try:
         stack, blocks = find_blocks(model)
         print(f"block stack: {stack} ({len(blocks)} blocks) -> freeze.first_blocks: 0..{len(blocks)}")
@@ -140,10 +140,28 @@ def cmd_inspect(args) -> int:
         print(f"  {leaf:<24} x{len(kinds):<4} {kinds[0]}")
     linear = sorted(k for k, v in leaves.items() if v[0].startswith(("Linear", "Conv1D")))
     attn = [k for k in linear if k in ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "c_attn")]
-    print(f"suggested: targets: {attn or linear[:2]}  (attention)  or  targets: all-linear  (every linear layer)")
+    if linear:
+        print(f"suggested: targets: {attn or linear[:2]}  (attention)  or  targets: all-linear  (every linear layer)")
+    elif leaves:  # a CNN: convolutions are named by position, so they are targeted by kind
+        print("suggested: targets: all-conv  (every non-depthwise convolution; the new head trains in full), or no "
+              "adapter and freeze.first_blocks: K  (train the later blocks in full)")
     if not args.all:
         print("(--all lists every module)")
     return 0
+
+
+def _target_group(name: str, module) -> str:
+    """How `inspect` groups adapter targets: by the layer's own name, or for unnamed (numbered) CNN layers by
+    the convolution's kind, since that is what a user chooses between."""
+    leaf = name.split(".")[-1]
+    if not leaf.isdigit():
+        return leaf
+    from torch import nn
+    if isinstance(module, nn.Conv2d):
+        if module.groups > 1 and module.groups == module.in_channels:
+            return f"depthwise {module.kernel_size[0]}x{module.kernel_size[1]} conv"
+        return f"{module.kernel_size[0]}x{module.kernel_size[1]} conv" + (" (pointwise)" if module.kernel_size == (1, 1) else "")
+    return f"{type(module).__name__} (numbered)"
 
 
 def cmd_interpolate(args) -> int:
