@@ -296,7 +296,9 @@ def test_stop_sequences_and_upload_limit(client, tmp_path, lm_dir):
 def test_two_workers_share_one_store(tmp_path, lm_dir):
     """`serve --no-worker` plus two `tunesmith worker` processes: jobs run in parallel, each exactly once."""
     data, port = tmp_path / "data", free_port()
-    server = start_server(data, lm_dir, port, "--no-worker")
+    job_config = tmp_path / "jobs.yaml"  # the server's training settings reach the separate workers too
+    job_config.write_text("adapter: {r: 4, targets: [q_proj, v_proj]}\ntraining: {save_every: 7}\n")
+    server = start_server(data, lm_dir, port, "--no-worker", "--job-config", str(job_config))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     workers = [subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "worker", "--data", str(data)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for _ in range(2)]
@@ -317,6 +319,9 @@ def test_two_workers_share_one_store(tmp_path, lm_dir):
         for j in jobs:
             messages = [e.message for e in client.fine_tuning.jobs.list_events(j.id, limit=1000)]
             assert sum(m.startswith("Fine-tuning job started") for m in messages) == 1, "a job was claimed twice"
+            assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(j.id)] == [42, 35, 28, 21, 14, 7]
+            adapter = json.loads((data / "jobs" / j.id / "adapter" / "adapter_config.json").read_text())
+            assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     finally:
         for p in [*workers, server]:
             p.terminate()
@@ -346,3 +351,17 @@ def test_chat_parameters_are_validated_and_n_gives_choices(client):
     parts = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
         {"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Tell me about jazz"}]}])
     assert parts.choices[0].message.content is not None
+
+
+def test_job_config_is_checked_before_the_server_starts(tmp_path):
+    from tunesmith.config import ConfigError
+    from tunesmith.service.job import check_job_config
+    cases = {"adapter: {rank: 4}\n": "adapter.rank", "training: {epochs: 3}\n": "set by each job",
+             "adapter: null\n": "serves fine-tuned models as adapters", "training: {lr: fast}\n": "training.lr"}
+    for text, message in cases.items():
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            check_job_config(path)
+    path.write_text("adapter: {kind: ia3, targets: [k_proj, v_proj, down_proj]}\ntraining: {bf16: true}\n")
+    assert "ia3" in check_job_config(path)

@@ -204,7 +204,7 @@ def cmd_serve(args) -> int:
     import uvicorn
     from .service.app import api_keys_from, create_app
     app = create_app(args.data, api_keys_from(args.api_key), _bases(args.model), args.max_upload_mb,
-                     start_worker=not args.no_worker, device=args.device)
+                     start_worker=not args.no_worker, device=args.device, job_config=args.job_config)
     print(f"tunesmith API on http://{args.host}:{args.port}/v1 (web page at /), data in {args.data}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -297,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offer a local model folder as a base model (repeatable); packaged chat models are offered by default")
     s.add_argument("--max-upload-mb", type=float, default=100, help="largest accepted upload in MB (default 100)")
     s.add_argument("--no-worker", action="store_true", help="do not run jobs in this process (use `tunesmith worker`)")
+    s.add_argument("--job-config", metavar="YAML",
+                   help="run-config fragment every job trains with, e.g. adapter: {r: 16, targets: [q_proj, v_proj]}, "
+                        "training: {lr: 1e-4, bf16: true, save_every: 50}, data: {max_length: 1024}; training.lr is the "
+                        "rate at learning_rate_multiplier=1 (default: LoRA r=8 on all linear layers, lr 2e-4, "
+                        "max_length 512, a checkpoint every 5 steps)")
     s.add_argument("--device", default="auto", help="where chat completions run: " + DEVICE_HELP +
                    " (training jobs use a GPU when there is one)")
     s.set_defaults(func=cmd_serve)

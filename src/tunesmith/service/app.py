@@ -28,9 +28,17 @@ class APIError(Exception):
 
 
 def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str], max_upload_mb: float = 100,
-               start_worker: bool = True, device: str = "auto") -> FastAPI:
+               start_worker: bool = True, device: str = "auto", job_config: str | Path | None = None) -> FastAPI:
+    """The app on data folder `data_dir`. job_config: a YAML run-config fragment every job trains with
+    (checked now, copied into the data folder so that `tunesmith worker` processes use it too)."""
+    from ..io import atomic_write_text
+    from .job import JOB_CONFIG, check_job_config
     store = Store(data_dir)
-    (store.dir / "bases.json").write_text(json.dumps(bases))
+    atomic_write_text(store.dir / "bases.json", json.dumps(bases))
+    if job_config is not None:
+        atomic_write_text(store.dir / JOB_CONFIG, check_job_config(job_config))
+    else:
+        (store.dir / JOB_CONFIG).unlink(missing_ok=True)
     engine = Engine(store, bases, device)
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
     app.state.store, app.state.stop = store, threading.Event()

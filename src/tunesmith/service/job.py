@@ -16,8 +16,51 @@ from pathlib import Path
 from .store import Store
 
 MIN_EXAMPLES = 10
-BASE_LR = 2e-4  # LoRA learning rate at learning_rate_multiplier = 1
 AUTO = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 2.0}
+JOB_CONFIG = "job_config.yaml"  # in the data folder: the server's --job-config, read by every worker
+# How jobs train unless the server's --job-config says otherwise. training.lr is the rate at
+# learning_rate_multiplier = 1; epochs, batch size, seed and the files always come from the job itself.
+JOB_DEFAULTS = {"adapter": {"kind": "lora", "targets": "all-linear", "r": 8, "alpha": 16},
+                "data": {"max_length": 512, "eval_fraction": 0},
+                "training": {"lr": 2e-4, "log_every": 1, "save_every": 5}}
+JOB_CONTROLLED = {"model": ("name",), "data": ("train", "eval"), "training": ("epochs", "max_steps", "batch_size", "seed"),
+                  "output": ("dir",)}
+
+
+def job_defaults(extra: dict | None) -> dict:
+    """JOB_DEFAULTS with the server's job config laid over it, section by section."""
+    merged = {k: dict(v) for k, v in JOB_DEFAULTS.items()}
+    for section, values in (extra or {}).items():
+        if section == "adapter" and (values is None or isinstance(values, dict) and values.get("kind", "lora") != "lora"):
+            merged[section] = values  # another adapter kind: none of the LoRA defaults apply
+        elif isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def check_job_config(path: str | Path) -> str:
+    """Validate a --job-config YAML up front (unknown keys, bad values, fields the job controls); returns its text."""
+    import yaml
+    from ..config import ConfigError, apply_overrides, config_from_dict
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError("expected a mapping of config sections (adapter, data, training, ...)")
+        for section, keys in JOB_CONTROLLED.items():
+            taken = [k for k in keys if isinstance(data.get(section), dict) and k in data[section]]
+            if taken:
+                raise ConfigError(f"{section}.{taken[0]}: set by each job (its file, model and hyperparameters), "
+                                  "not by the server; remove it")
+        cfg = config_from_dict(apply_overrides(job_defaults(data), ["data.train=check.jsonl"]))
+        if cfg.adapter is None:
+            raise ConfigError("adapter: the service serves fine-tuned models as adapters on a shared base model; "
+                              "full fine-tuning is `tunesmith train`'s job")
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ConfigError(f"--job-config {path}: {e}") from None
+    return text
 
 
 def validate_file(store: Store, job: dict, field: str) -> tuple[dict | None, int]:
@@ -61,7 +104,8 @@ def result_csv(metrics_path: Path) -> bytes:
 
 
 def run(job_id: str, data_dir: str) -> int:
-    from ..config import load_config
+    import yaml
+    from ..config import apply_overrides, config_from_dict
     from ..train import train
     store = Store(data_dir)
     job, row = store.get_job(job_id), store.job_row(job_id)
@@ -85,14 +129,14 @@ def run(job_id: str, data_dir: str) -> int:
     store.update_job(job_id, status="running", hyperparameters=hp, method=method)
     store.add_event(job_id, "Fine-tuning job started" if not resume else "Fine-tuning job resumed from its last checkpoint")
     base_spec = json.loads((store.dir / "bases.json").read_text()).get(job["model"], job["model"])
+    server = store.dir / JOB_CONFIG
+    defaults = job_defaults(yaml.safe_load(server.read_text()) if server.exists() else None)
     overrides = [f"model.name={base_spec}", f"data.train={store.file_path(job['training_file'])}",
                  f"data.eval={store.file_path(job['validation_file'])}" if job.get("validation_file") else "data.eval=null",
-                 "data.eval_fraction=0", "data.max_length=512", "adapter.kind=lora", "adapter.targets=all-linear",
-                 "adapter.r=8", "adapter.alpha=16", f"training.epochs={hp['n_epochs']}",
-                 f"training.batch_size={hp['batch_size']}", f"training.lr={BASE_LR * float(hp['learning_rate_multiplier'])}",
-                 f"training.seed={job['seed']}", "training.log_every=1", "training.save_every=5",
-                 f"output.dir={run_dir}", "output.progress=false"]
-    cfg = load_config(None, overrides)
+                 f"training.epochs={hp['n_epochs']}", f"training.batch_size={hp['batch_size']}",
+                 f"training.lr={float(defaults['training']['lr']) * float(hp['learning_rate_multiplier'])}",
+                 f"training.seed={job['seed']}", f"output.dir={run_dir}", "output.progress=false"]
+    cfg = config_from_dict(apply_overrides(defaults, overrides))
     base_name = job["model"].replace(":", "-")
 
     parent = os.getppid()
