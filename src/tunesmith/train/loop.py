@@ -55,7 +55,8 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
 
     on_step(step, info) is called after every optimizer step; info holds this step's 'loss' and 'accuracy'
     (token accuracy for LMs), 'total_steps', 'checkpoint' (the folder) when one was written, 'eval' (metrics)
-    when an evaluation ran at this step, and 'model' (read it, do not change it). An exception from it stops the run (as a crash would).
+    when an evaluation ran at this step, and 'model' (read it, do not change it). An exception from it stops
+    the run (as a crash would).
     """
     run_dir = Path(cfg.output.dir)
     t = cfg.training
@@ -148,7 +149,10 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
         log("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
     set_train_mode(model, cfg.freeze.batchnorm)
     bar = _progress(total_steps, state["step"], cfg.output.progress)
-    window_loss, window_count, window_tokens, window_correct, window_start = 0.0, 0, 0, 0, time.perf_counter()
+    def new_window() -> dict:  # what the next metrics line averages over
+        return {"loss": 0.0, "count": 0, "units": 0, "correct": 0, "start": time.perf_counter()}
+
+    window = new_window()
     last_eval: dict = {}
     last_eval_step = -1
     stopped_early = False
@@ -171,7 +175,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
                 group_correct += correct_fn(logits.detach(), b)
                 del logits
                 n_units = units(b)
-                window_tokens += n_units
+                window["units"] += n_units
                 state["trained_tokens"] = state.get("trained_tokens", 0) + n_units
             if t.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
@@ -180,19 +184,19 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[int, dict], N
             opt.zero_grad(set_to_none=True)
             state["step"] = step + 1
             train_seconds += time.perf_counter() - step_start
-            window_loss += group_loss
-            window_count += n_total
-            window_correct += group_correct
+            window["loss"] += group_loss
+            window["count"] += n_total
+            window["correct"] += group_correct
             bar.update(1)
             if state["step"] % t.log_every == 0 or state["step"] == total_steps:
-                elapsed = time.perf_counter() - window_start
-                rec = {"loss": window_loss / max(window_count, 1), "accuracy": window_correct / max(window_count, 1),
-                       "lr": sched.get_last_lr()[0],
-                       unit_name: window_tokens / max(elapsed, 1e-9),
+                elapsed = time.perf_counter() - window["start"]
+                rec = {"loss": window["loss"] / max(window["count"], 1),
+                       "accuracy": window["correct"] / max(window["count"], 1), "lr": sched.get_last_lr()[0],
+                       unit_name: window["units"] / max(elapsed, 1e-9),
                        "epoch": round(state["step"] * t.grad_accum / batches_per_epoch, 3)}
                 metrics.write(event="train", step=state["step"], **rec)
                 bar.set_postfix({"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", unit_name: f"{rec[unit_name]:.0f}"})
-                window_loss, window_count, window_tokens, window_correct, window_start = 0.0, 0, 0, 0, time.perf_counter()
+                window = new_window()
             epoch_end = (state["step"] * t.grad_accum) // batches_per_epoch > (step * t.grad_accum) // batches_per_epoch
             if data.eval and ((t.eval_every and state["step"] % t.eval_every == 0) or (not t.eval_every and epoch_end)):
                 last_eval, last_eval_step = do_eval(state["step"]), state["step"]
