@@ -365,3 +365,15 @@ def test_job_config_is_checked_before_the_server_starts(tmp_path):
             check_job_config(path)
     path.write_text("adapter: {kind: ia3, targets: [k_proj, v_proj, down_proj]}\ntraining: {bf16: true}\n")
     assert "ia3" in check_job_config(path)
+
+
+def test_the_client_example_runs_end_to_end(server, tmp_path):
+    """examples/openai_client.py, exactly as the docs run it, against the test server."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(12)))
+    done = subprocess.run([sys.executable, "examples/openai_client.py", "--url", server["url"], "--key", KEY,
+                           "--train", str(train), "--model", "tiny", "--epochs", "3"], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Fine tuning job successfully completed" in done.stdout and "checkpoint ft:tiny:" in done.stdout
+    assert "fine-tuned model: ft:tiny:user:chatterbot:" in done.stdout
