@@ -144,6 +144,10 @@ def test_classification_full_finetune_and_artifacts(tmp_path, encoder_dir):
         assert (tmp_path / "run" / name).exists(), name
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if r["event"] == "eval"] == [0, 6, 12]
+    assert all(0 <= r["accuracy"] <= 1 for r in evals if r["event"] == "train")
+    from PIL import Image
+    width, height = Image.open(tmp_path / "run" / "loss.png").size
+    assert width > 3 * height, "loss and accuracy panels side by side"
     model, tok, _, task, labels = load_run(tmp_path / "run")
     assert task == "classification" and labels == ["sport", "tech"]
     batch = tok(["match goal team win 99"], return_tensors="pt")

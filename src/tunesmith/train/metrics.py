@@ -1,4 +1,4 @@
-"""metrics.jsonl (one JSON object per event) and a loss-curve PNG in the run folder."""
+"""metrics.jsonl (one JSON object per event) and a PNG of the loss (and accuracy) curves in the run folder."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,8 @@ class MetricsLog:
         if truncate_after_step is not None and path.exists():  # a resumed run drops what came after its checkpoint
             kept = [line for line in path.read_text().splitlines() if line.strip()
                     and json.loads(line).get("step", 0) <= truncate_after_step]
-            path.write_text("".join(k + "\n" for k in kept))
+            from ..io import atomic_write_text
+            atomic_write_text(path, "".join(k + "\n" for k in kept))
 
     def write(self, **record) -> None:
         with self.path.open("a") as f:
@@ -24,23 +25,30 @@ class MetricsLog:
 
 
 def plot_losses(records: list[dict], out: Path, title: str = "") -> Path | None:
-    """Train loss (and eval loss, when measured) against step, as a PNG."""
-    train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
-    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval" and "eval_loss" in r]
+    """Train and eval loss against step; beside it training and eval accuracy (token accuracy for LMs)."""
+    train = [r for r in records if r.get("event") == "train"]
+    evals = [r for r in records if r.get("event") == "eval"]
     if not train:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(*zip(*train), label="train loss", lw=1.5)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title or "loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    acc_key = "eval_accuracy" if any("eval_accuracy" in r for r in evals) else "eval_token_accuracy"
+    panels = [("loss", [("train loss", train, "loss"), ("eval loss", evals, "eval_loss")])]
+    if any("accuracy" in r for r in train):
+        name = "accuracy" if acc_key == "eval_accuracy" else "token accuracy"
+        panels.append((name, [(f"train {name}", train, "accuracy"), (f"eval {name}", evals, acc_key)]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), dpi=100, squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for label, rows, key in series:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), "o-" if rows is evals else "-", label=label, lw=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "training")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
