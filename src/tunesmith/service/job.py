@@ -137,6 +137,9 @@ def run(job_id: str, data_dir: str) -> int:
                  f"training.lr={float(defaults['training']['lr']) * float(hp['learning_rate_multiplier'])}",
                  f"training.seed={job['seed']}", f"output.dir={run_dir}", "output.progress=false"]
     cfg = config_from_dict(apply_overrides(defaults, overrides))
+    if resume and (run_dir / "config.yaml").exists():  # the settings it started with, even if the server's changed
+        from ..config import load_config
+        cfg = load_config(run_dir / "config.yaml")
     base_name = job["model"].replace(":", "-")
 
     parent = os.getppid()
