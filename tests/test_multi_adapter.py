@@ -138,3 +138,27 @@ def test_merge_and_unload_generates_like_merged():
     assert torch.allclose(out(plain, ids), expected, atol=1e-5)
     gen = plain.generate(ids, max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, 9)
+
+
+def test_merging_into_tied_embeddings_unties_them(tmp_path):
+    """LoRA on embed_tokens of a model whose lm_head shares that weight: unmerged, the adapter changes the
+    input embedding only; merging must not change lm_head too, and the merged model must reload the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    add_adapter(model, LoraConfig(targets=["embed_tokens", "q_proj"], r=4))
+    perturb_adapters(model)
+    ids = token_batch()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        with pytest.warns(UserWarning, match="untied lm_head"):
+            plain = merge_and_unload(model)
+        merged = plain(ids).logits
+    assert torch.allclose(unmerged, merged, atol=1e-5)
+    assert plain.lm_head.weight is not plain.model.embed_tokens.weight and not plain.config.tie_word_embeddings
+    plain.save_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+    assert torch.allclose(reloaded, unmerged, atol=1e-5)

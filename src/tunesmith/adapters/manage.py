@@ -149,8 +149,34 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None) -> None
     _require(model, names)
     layers = [layer for _, layer in adapter_layers(model)]
     _check_mergeable(layers, names)
+    _untie_merge_targets(model, [layer for layer in layers if any(n in layer.configs for n in names)])
     for layer in layers:
         layer.merge(names)
+
+
+def _untie_merge_targets(model: nn.Module, layers: list[AdapterLayer]) -> None:
+    """A merge writes into the base weight. Where another module shares that tensor (tied input and output
+    embeddings), the adapter never acted on it, so it gets its own copy first: merged outputs then equal
+    unmerged ones, and the model config stops asking for the tie (a saved merged model reloads the same)."""
+    import warnings
+    targets = {id(layer.base_layer.weight): layer.module_name for layer in layers
+               if isinstance(getattr(layer.base_layer, "weight", None), nn.Parameter)}
+    bases = {id(layer.base_layer) for layer in layers}
+    untied = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, AdapterLayer) or id(module) in bases:
+            continue  # the wrapper (its .weight is its base's) and the base itself
+        if isinstance(w, nn.Parameter) and id(w) in targets:
+            module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            untied.append(f"{name} (tied to {targets[id(w)]})")
+    if untied:
+        config = getattr(model, "config", None)
+        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+        warnings.warn(f"merging untied {', '.join(untied)}: the adapter changes only its own module, so the tied "
+                      "one keeps the original weights (as it did unmerged)", stacklevel=3)
 
 
 def unmerge_adapters(model: nn.Module) -> None:
