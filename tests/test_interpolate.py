@@ -164,3 +164,7 @@ def test_base_can_be_a_linear_probe_run(tmp_path, encoder_dir):
     model, tok, cfg, task, labels = load_run(tmp_path / "probe")
     probe = evaluate(model, encode_eval_set(data, tok, cfg, task, labels), task, tok.pad_token_id, 64, 2)
     assert res["rows"][0]["d_loss"] == pytest.approx(probe["eval_loss"], abs=1e-6)
+    assert (tmp_path / "probe" / "head" / "head.safetensors").exists() and not (tmp_path / "probe" / "model").exists()
+    from tunesmith.cli import main  # a head-only run merges into a full folder like any other
+    assert main(["merge", str(tmp_path / "probe"), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "head.safetensors").exists() and (tmp_path / "merged" / "config.json").exists()

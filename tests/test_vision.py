@@ -117,13 +117,25 @@ def test_head_only_touches_only_the_head(tmp_path):
                              "data.max_examples=64", "data.image_size=32", "freeze.train_only=[classifier]",
                              "training.max_steps=2", "training.batch_size=32", "training.save_every=0",
                              f"output.dir={tmp_path / 'run'}", "output.progress=false"])
-    train(cfg, log=lambda *_: None)
-    after = load_run_state(tmp_path / "run")
+    final = {}
+
+    def keep_last_state(step, info):
+        final.update({k: v.detach().clone() for k, v in info["model"].state_dict().items()})
+
+    result = train(cfg, on_step=keep_last_state, log=lambda *_: None)
     original = load_mobilenet_v2().state_dict()
     for k, v in original.items():
         if not k.startswith("classifier."):
-            assert torch.equal(after[k], v), k  # weights and BN statistics alike
-    assert after["classifier.1.weight"].shape == (10, 1280)
+            assert torch.equal(final[k], v), k  # weights and BN statistics alike
+    assert final["classifier.1.weight"].shape == (10, 1280)
+    # so the run saves just the head (KiB, not the 14 MB model), and loads back as base + head
+    assert result["saved"].endswith("head") and not (tmp_path / "run" / "model").exists()
+    from safetensors.torch import load_file
+    from tunesmith.train import load_run
+    saved = load_file(str(tmp_path / "run" / "head" / "head.safetensors"))
+    assert set(saved) == {"1.weight", "1.bias"}
+    model = load_run(tmp_path / "run")[0]
+    assert torch.equal(model.state_dict()["classifier.1.weight"], final["classifier.1.weight"])
 
 
 def test_train_mode_policy():

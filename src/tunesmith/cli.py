@@ -10,7 +10,8 @@ EPILOG_TRAIN = """\
 overrides: any config field as section.key=value, e.g.
   tunesmith train examples/bbc_lora.yaml training.lr=1e-3 training.epochs=2 adapter.r=16
 sections: model, adapter, freeze, head, data, objective, training, output (see docs/config.md)
-The run folder (output.dir) gets config.yaml, metrics.jsonl, loss.png, checkpoints/, and adapter/ or model/.
+The run folder (output.dir) gets config.yaml, metrics.jsonl, loss.png, checkpoints/, and adapter/ (an adapter),
+head/ (only a new head trained) or model/ (full or partial fine-tuning).
 Ctrl-C saves a checkpoint; `--resume` continues from the latest one to the same result."""
 DEVICE_HELP = "auto (a CUDA GPU if present, then MPS, else CPU; default), cpu, cuda, cuda:N or mps"
 

@@ -130,7 +130,7 @@ class TrainingConfig:
 
 @dataclass
 class OutputConfig:
-    """dir: the run folder (config.yaml, metrics.jsonl, loss.png, checkpoints/, adapter/ or model/)."""
+    """dir: the run folder (config.yaml, metrics.jsonl, loss.png, checkpoints/, and adapter/, head/ or model/)."""
 
     dir: str = "runs/run"
     progress: bool = True

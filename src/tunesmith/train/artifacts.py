@@ -1,4 +1,5 @@
-"""What a finished run leaves behind, and loading it back: adapter/ (PEFT format) or model/ (full weights)."""
+"""What a finished run leaves behind, and loading it back: adapter/ (PEFT format), head/ (only a new head
+trained: the pretrained model plus head.safetensors) or model/ (full weights)."""
 from __future__ import annotations
 
 import json
@@ -16,13 +17,33 @@ from ..models import is_vision_model, load_model, load_tokenizer
 from ..models.loading import VISION_MARKER
 
 
+HEAD_ONLY = "head"  # a run that trained only a new head (a linear probe) saves just that head
+
+
 def save_result(run_dir: Path, model: nn.Module, tokenizer, cfg: RunConfig, task: str, labels: list | None) -> Path:
-    """Save the trained adapter (small) or, for full fine-tuning, the whole model."""
+    """Save the trained adapter (small), the head alone when nothing else trained, or the whole model."""
     if labels is not None:
         atomic_write_text(run_dir / "labels.json", json.dumps(labels))
     if cfg.adapter is not None:
         return save_adapter(model, run_dir / "adapter", metadata={"task": task})
+    head = trained_head_only(model, cfg.freeze.batchnorm)
+    if head is not None:
+        from ..adapters.peft_format import base_model_hash
+        with atomic_directory(run_dir / HEAD_ONLY) as tmp:
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.get_submodule(head).state_dict().items()}
+            save_file(weights, str(tmp / "head.safetensors"), metadata={
+                "base_model": cfg.model.name, "head": head, "base_model_hash": base_model_hash(model) or ""})
+        return run_dir / HEAD_ONLY
     return write_model_folder(run_dir / "model", model, tokenizer, task, labels)
+
+
+def trained_head_only(model: nn.Module, batchnorm: str = "auto") -> str | None:
+    """The head's module name when it is all that trained (the pretrained rest is unchanged), else None."""
+    head = getattr(model, "head_name", None)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if head is None or not trainable or batchnorm == "train_all":  # train_all moves frozen BN statistics
+        return None
+    return head if all(n.startswith(head + ".") for n in trainable) else None
 
 
 def write_model_folder(target: Path, model: nn.Module, tokenizer, task: str, labels: list | None) -> Path:
@@ -71,13 +92,17 @@ def load_run(run_dir: str | Path, merge: bool = False):
         if merge:
             from ..adapters import merge_and_unload
             model = merge_and_unload(model)
+    elif (run_dir / HEAD_ONLY).exists():  # the pretrained model, with the trained head put on
+        model = load_model(cfg.model.name, task, num_labels=len(labels) if labels else None,
+                           pooling=cfg.head.pooling, head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
+        model.get_submodule(model.head_name).load_state_dict(load_file(str(run_dir / HEAD_ONLY / "head.safetensors")))
     elif (run_dir / "model").exists():
         model = load_model(str(run_dir / "model"), task, num_labels=len(labels) if labels else None,
                            pooling=cfg.head.pooling, head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
         if task == "classification" and tok is not None:
             model.head.load_state_dict(load_file(str(run_dir / "model" / "head.safetensors")))
     else:
-        raise TunesmithError(f"{run_dir}: the run has no adapter/ or model/ folder yet (did it finish? resume it with --resume)")
+        raise TunesmithError(f"{run_dir}: the run has no adapter/, head/ or model/ folder yet (did it finish? resume it with --resume)")
     return model.eval(), tok, cfg, task, labels
 
 
