@@ -16,6 +16,7 @@ import yaml
 
 from .adapters.config import AdapterConfig
 from .adapters.config import config_from_dict as adapter_from_dict
+from .devices import DEVICE_CHOICES
 from .adapters.config import config_to_dict as adapter_to_dict
 from .errors import ConfigError, closest
 
@@ -159,7 +160,7 @@ class RunConfig:
             (self.data.max_length >= 8, "data.max_length: must be at least 8 tokens"),
             (self.freeze.first_blocks >= 0, "freeze.first_blocks: must be >= 0"),
             (bool(self.data.train), "data.train: give a training file (JSONL/CSV) or a built-in dataset like 'bbc-news:train'"),
-            (t.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"),
+            (t.device.split(":")[0] in DEVICE_CHOICES,
              f"training.device: must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}"),
         ]
         for ok, msg in checks:

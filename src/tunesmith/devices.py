@@ -21,8 +21,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps") if mps is not None and mps.is_available() else torch.device("cpu")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -31,9 +30,14 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"device '{name}' was asked for, but this PyTorch sees no CUDA GPU; use device: auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device '{name}': only {torch.cuda.device_count()} CUDA GPU(s) here")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "mps" and not _mps_available():
         raise ConfigError(f"device '{name}' was asked for, but MPS is not available; use device: auto or cpu")
     return device
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

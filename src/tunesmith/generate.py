@@ -14,9 +14,10 @@ def load_generator(spec: str, device: str = "auto"):
         model, tok, _, task, _ = load_run(spec, merge=True)
         if task != "causal_lm":
             raise SystemExit(f"{spec}: this run trained a classifier; use `tunesmith eval` instead of generate/chat")
-        return model.to(resolve_device(device)), tok
-    from .models import load_model, load_tokenizer
-    return load_model(spec, "causal_lm").eval().to(resolve_device(device)), load_tokenizer(spec)
+    else:
+        from .models import load_model, load_tokenizer
+        model, tok = load_model(spec, "causal_lm").eval(), load_tokenizer(spec)
+    return model.to(resolve_device(device)), tok
 
 
 def chat_prompt_ids(tok, messages: list[dict]) -> torch.Tensor:

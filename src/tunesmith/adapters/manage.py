@@ -172,7 +172,7 @@ def _untie_merge_targets(model: nn.Module, layers: list[AdapterLayer]) -> None:
             untied.append(f"{name} (tied to {targets[id(w)]})")
     if untied:
         config = getattr(model, "config", None)
-        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}.values():
+        for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
             if getattr(cfg, "tie_word_embeddings", False):
                 cfg.tie_word_embeddings = False
         warnings.warn(f"merging untied {', '.join(untied)}: the adapter changes only its own module, so the tied "

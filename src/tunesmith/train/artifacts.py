@@ -28,11 +28,9 @@ def save_result(run_dir: Path, model: nn.Module, tokenizer, cfg: RunConfig, task
         return save_adapter(model, run_dir / "adapter", metadata={"task": task})
     head = trained_head_only(model, cfg.freeze.batchnorm)
     if head is not None:
-        from ..adapters.peft_format import base_model_hash
         with atomic_directory(run_dir / HEAD_ONLY) as tmp:
             weights = {k: v.detach().cpu().contiguous() for k, v in model.get_submodule(head).state_dict().items()}
-            save_file(weights, str(tmp / "head.safetensors"), metadata={
-                "base_model": cfg.model.name, "head": head, "base_model_hash": base_model_hash(model) or ""})
+            save_file(weights, str(tmp / "head.safetensors"), metadata={"base_model": cfg.model.name, "head": head})
         return run_dir / HEAD_ONLY
     return write_model_folder(run_dir / "model", model, tokenizer, task, labels)
 
