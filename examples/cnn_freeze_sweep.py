@@ -42,8 +42,7 @@ def main() -> None:
     p.add_argument("--runs", default=str(ROOT / "runs/cnn-sweep"), help="scratch folder for the runs")
     args = p.parse_args()
     from tunesmith.config import load_config
-    from tunesmith.train import evaluate, load_run, train
-    from tunesmith.vision.data import encode_images
+    from tunesmith.train import encode_eval_set, evaluate, load_run, train
 
     rows = []
     for label, k, extra in variants():
@@ -53,9 +52,9 @@ def main() -> None:
                           extra + [f"training.epochs={args.epochs}", f"data.image_size={args.image_size}",
                                    "training.eval_at_start=false", f"output.dir={run_dir}", "output.progress=false"])
         r = train(cfg, log=lambda *_: None)
-        model, _, _, _, labels = load_run(run_dir)
-        ood, _ = encode_images("digits:all", args.image_size, {v: i for i, v in enumerate(labels)})
-        ood_acc = evaluate(model, ood, "classification", 0, 128, len(labels))["eval_accuracy"]
+        run = load_run(run_dir)
+        ood = encode_eval_set("digits:all", run)
+        ood_acc = evaluate(run.model, ood, run.objective, run.pad_id, 128)["eval_accuracy"]
         rows.append({"variant": label, "frozen_blocks": k, "id_accuracy": r["eval_accuracy"], "ood_accuracy": ood_acc,
                      "trainable": r["trainable"], "epoch_seconds": r["train_seconds"] / max(r["epochs"], 1e-9)})
         print(f"{label}: MNIST {r['eval_accuracy']:.4f}, digits {ood_acc:.4f}, {r['trainable']:,} trainable, "

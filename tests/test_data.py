@@ -9,6 +9,8 @@ import torch
 from conftest import chat_rows, write_jsonl
 from tunesmith.config import DataConfig
 from tunesmith.data import DataError, prepare_data, read_records, validate
+from tunesmith.objectives.classification import Classification
+from tunesmith.objectives.sft import SFT
 from tunesmith.data.packing import best_fit_decreasing, pack_examples
 from tunesmith.data.tokenize import IGNORE, encode_chat, encode_records
 from tunesmith.data.formats import Record
@@ -60,7 +62,7 @@ def test_csv_and_classification_labels(tmp_path, encoder_dir):
     (tmp_path / "eval.csv").write_text("text,label\nelection day,politics\n")
     cfg = DataConfig(train=str(tmp_path / "train.csv"), eval=str(tmp_path / "eval.csv"))
     with pytest.raises(DataError, match=r"eval.csv:2: label: label 'politics' not seen in training \(known: sport, tech\)"):
-        prepare_data(cfg, tok, "classification")
+        prepare_data(cfg, tok, Classification)
     (tmp_path / "bad.csv").write_text("sentence,category\nx,y\n")
     recs, probs = read_records(tmp_path / "bad.csv")
     assert "missing column(s) text, label" in str(probs[0])
@@ -71,10 +73,10 @@ def test_overlong_truncate_or_drop(tmp_path, encoder_dir):
     tok = load_tokenizer(str(encoder_dir))
     rows = [{"text": "word " * 50, "label": "a"}, {"text": "short", "label": "b"}] * 3
     f = write_jsonl(tmp_path / "t.jsonl", rows)
-    kept = prepare_data(DataConfig(train=f, max_length=16, eval_fraction=0), tok, "classification")
+    kept = prepare_data(DataConfig(train=f, max_length=16, eval_fraction=0), tok, Classification)
     assert len(kept.train) == 6 and max(len(e["input_ids"]) for e in kept.train) == 16
     assert any("truncated 3 examples" in n for n in kept.notes)
-    dropped = prepare_data(DataConfig(train=f, max_length=16, overlong="drop", eval_fraction=0), tok, "classification")
+    dropped = prepare_data(DataConfig(train=f, max_length=16, overlong="drop", eval_fraction=0), tok, Classification)
     assert len(dropped.train) == 3 and any("dropped 3 examples" in n for n in dropped.notes)
 
 
@@ -158,6 +160,6 @@ def test_chat_data_end_to_end(tmp_path, lm_dir):
     from tunesmith.models import load_tokenizer
     tok = load_tokenizer(str(lm_dir))
     f = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20))
-    d = prepare_data(DataConfig(train=f, packing=True, max_length=128, eval_fraction=0.1), tok, "sft")
+    d = prepare_data(DataConfig(train=f, packing=True, max_length=128, eval_fraction=0.1), tok, SFT)
     assert d.fmt == "chat" and len(d.eval) == 2 and any("packed 18" in n for n in d.notes)
     assert all(len(r["input_ids"]) <= 128 for r in d.train)

@@ -132,8 +132,8 @@ def test_gpu_resume_matches_uninterrupted(tmp_path, lm_dir):
     common = ["training.device=cuda", "training.max_steps=9", "training.save_every=3", "adapter.dropout=0.1"]
     full = train(lm_config(lm_dir, data, tmp_path / "full", *common), **quiet)
 
-    def crash(step, info):
-        if step == 7:
+    def crash(event):
+        if event.step == 7:
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError):

@@ -121,8 +121,8 @@ def test_cli_sweep_on_a_probed_fine_tune(tmp_path, encoder_dir, adapter):
     half = next(r for r in sweep["rows"] if r["alpha"] == 0.5)
     from tunesmith.train import evaluate, load_run
     from tunesmith.wise_ft import encode_eval_set
-    model, tok, cfg, task, labels = load_run(tmp_path / "half")
-    m = evaluate(model, encode_eval_set(str(shifted), tok, cfg, task, labels), task, tok.pad_token_id, 64, 2)
+    half_run = load_run(tmp_path / "half")
+    m = evaluate(half_run.model, encode_eval_set(str(shifted), half_run), half_run.objective, half_run.pad_id, 64)
     assert m["eval_accuracy"] == pytest.approx(half["ood_accuracy"]) and m["eval_loss"] == pytest.approx(half["ood_loss"], abs=1e-5)
 
 
@@ -141,11 +141,11 @@ def test_llm_sweep_scores_loss(tmp_path, lm_dir):
     r0, r1 = res["rows"]
     assert set(r0) >= {"train_loss", "train_perplexity", "train_token_accuracy"}
     assert r1["train_loss"] < r0["train_loss"] and res["best_alpha"] == 1.0  # lower loss wins
-    from tunesmith.models import load_model, load_tokenizer
+    from tunesmith.models import load_model
+    from tunesmith.train import load_run
     from tunesmith.wise_ft import encode_eval_set
-    tok = load_tokenizer(str(lm_dir))
-    base = evaluate(load_model(str(lm_dir), "causal_lm"), encode_eval_set(data, tok, cfg, "causal_lm", None),
-                    "causal_lm", tok.pad_token_id, 64)
+    run = load_run(tmp_path / "run")
+    base = evaluate(load_model(str(lm_dir), "causal_lm"), encode_eval_set(data, run), run.objective, run.pad_id, 64)
     assert base["eval_loss"] == pytest.approx(r0["train_loss"], abs=1e-5)
 
 
@@ -161,8 +161,8 @@ def test_base_can_be_a_linear_probe_run(tmp_path, encoder_dir):
     train(load_config(None, common + ["freeze.train_only=[head]", f"output.dir={tmp_path / 'probe'}"]), log=lambda *_: None)
     train(load_config(None, common + [f"output.dir={tmp_path / 'ft'}"]), log=lambda *_: None)
     res = run_sweep(tmp_path / "ft", [0.0, 1.0], {"d": data}, base=str(tmp_path / "probe"), log=lambda *_: None)
-    model, tok, cfg, task, labels = load_run(tmp_path / "probe")
-    probe = evaluate(model, encode_eval_set(data, tok, cfg, task, labels), task, tok.pad_token_id, 64, 2)
+    probe_run = load_run(tmp_path / "probe")
+    probe = evaluate(probe_run.model, encode_eval_set(data, probe_run), probe_run.objective, probe_run.pad_id, 64)
     assert res["rows"][0]["d_loss"] == pytest.approx(probe["eval_loss"], abs=1e-6)
     assert (tmp_path / "probe" / "head" / "head.safetensors").exists() and not (tmp_path / "probe" / "model").exists()
     from tunesmith.cli import main  # a head-only run merges into a full folder like any other

@@ -66,8 +66,8 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, lm_dir):
     common = ["training.max_steps=9", "training.save_every=3", "adapter.dropout=0.1", "data.packing=true"]
     full = train(lm_config(lm_dir, data, tmp_path / "full", *common), log=lambda *_: None)
 
-    def crash(step, info):
-        if step == 7:
+    def crash(event):
+        if event.step == 7:
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError):
@@ -148,8 +148,9 @@ def test_classification_full_finetune_and_artifacts(tmp_path, encoder_dir):
     from PIL import Image
     width, height = Image.open(tmp_path / "run" / "loss.png").size
     assert width > 3 * height, "loss and accuracy panels side by side"
-    model, tok, _, task, labels = load_run(tmp_path / "run")
-    assert task == "classification" and labels == ["sport", "tech"]
+    run = load_run(tmp_path / "run")
+    model, tok = run.model, run.tokenizer
+    assert run.info.task == "classification" and run.info.labels == ["sport", "tech"]
     batch = tok(["match goal team win 99"], return_tensors="pt")
     with torch.no_grad():
         assert model(**batch).argmax(-1).item() == 0

@@ -119,8 +119,8 @@ def test_head_only_touches_only_the_head(tmp_path):
                              f"output.dir={tmp_path / 'run'}", "output.progress=false"])
     final = {}
 
-    def keep_last_state(step, info):
-        final.update({k: v.detach().clone() for k, v in info["model"].state_dict().items()})
+    def keep_last_state(event):
+        final.update({k: v.detach().clone() for k, v in event.model.state_dict().items()})
 
     result = train(cfg, on_step=keep_last_state, log=lambda *_: None)
     original = load_mobilenet_v2().state_dict()
@@ -134,7 +134,7 @@ def test_head_only_touches_only_the_head(tmp_path):
     from tunesmith.train import load_run
     saved = load_file(str(tmp_path / "run" / "head" / "head.safetensors"))
     assert set(saved) == {"1.weight", "1.bias"}
-    model = load_run(tmp_path / "run")[0]
+    model = load_run(tmp_path / "run").model
     assert torch.equal(model.state_dict()["classifier.1.weight"], final["classifier.1.weight"])
 
 

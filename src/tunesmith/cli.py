@@ -46,14 +46,13 @@ def cmd_eval(args) -> int:
     from .train import evaluate
     from .train.artifacts import encode_eval_set, load_run
     from .devices import resolve_device
-    model, tok, cfg, task, labels = load_run(args.run)
-    model.to(resolve_device(args.device))
-    spec = args.data or cfg.data.eval
+    run = load_run(args.run)
+    run.model.to(resolve_device(args.device))
+    spec = args.data or run.cfg.data.eval
     if not spec:
         raise SystemExit("no evaluation data: pass --data FILE (the run had no data.eval)")
-    examples = encode_eval_set(spec, tok, cfg, task, labels)
-    pad = getattr(tok, "pad_token_id", None) or 0
-    result = evaluate(model, examples, task, pad, args.batch_size, len(labels) if labels else None)
+    examples = encode_eval_set(spec, run)
+    result = evaluate(run.model, examples, run.objective, run.pad_id, args.batch_size)
     print(json.dumps({"data": spec, "examples": len(examples), **result}, indent=2))
     return 0
 
@@ -103,10 +102,12 @@ def cmd_chat(args) -> int:
 
 def cmd_merge(args) -> int:
     from .train.artifacts import load_run, write_model_folder
-    model, tok, cfg, task, labels = load_run(args.run, merge=True)
-    write_model_folder(Path(args.out), model, tok, task, labels)
+    run = load_run(args.run, merge=True)
+    write_model_folder(Path(args.out), run.model, run.tokenizer, run.info.labels)
+    head = (Path(args.out) / "head.safetensors").exists()
     print(f"merged model written to {args.out} (loads with transformers' from_pretrained"
-          f"{'; the classifier head is head.safetensors, labels in labels.json' if task == 'classification' else ''})")
+          f"{f'; the {run.info.task} head is head.safetensors' if head else ''}"
+          f"{', labels in labels.json' if run.info.labels else ''})")
     return 0
 
 
@@ -178,8 +179,7 @@ def cmd_interpolate(args) -> int:
     result = run_sweep(args.finetuned, parse_alphas(args.alphas), evals, select=args.select, out=args.out,
                        save=args.save, missing=args.missing, batch_size=args.batch_size, base=args.base,
                        device=args.device)
-    rows, names = result["rows"], list(evals)
-    metric = "accuracy" if any(f"{names[0]}_accuracy" in r for r in rows) else "loss"
+    rows, names, metric = result["rows"], list(evals), result["metric"]
     print("\n  alpha  " + "  ".join(f"{n + ' ' + metric:>16}" for n in names))
     for r in rows:
         mark = "  <- chosen" if r["alpha"] == result["best_alpha"] else ""

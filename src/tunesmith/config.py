@@ -1,144 +1,225 @@
 """One typed, validated run config: model, adapter, freeze, head, data, objective, training, output.
 
 YAML is its saved form (`config.yaml` beside every run); dotted overrides (`training.lr=2e-4`) change
-any field. Unknown or mistyped keys are errors naming the key and the nearest valid one.
+any field. Unknown or mistyped keys are errors naming the key and the nearest valid one. Every section,
+the adapter included, is built by `configbuild.build` (values coerced by annotation) and checks its own
+ranges in `__post_init__`. Each field's docstring is its documentation: docs/config.md is generated from
+them (`python -m tunesmith.config_docs --write`).
 """
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
 from .adapters.config import AdapterConfig
 from .adapters.config import config_from_dict as adapter_from_dict
-from .devices import DEVICE_CHOICES
 from .adapters.config import config_to_dict as adapter_to_dict
+from .configbuild import build
+from .devices import DEVICE_CHOICES
 from .errors import ConfigError, closest
+
+
+def objective_types() -> tuple[str, ...]:
+    """auto or a registered objective, read when called (objectives are added as modules)."""
+    from .objectives import objective_names
+    return ("auto", *objective_names())
+
+
+def data_formats() -> tuple[str, ...]:
+    """auto or a known data format, read when called."""
+    from .data.formats import FORMATS
+    return ("auto", *FORMATS)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
 @dataclass
 class ModelConfig:
-    """name: a packaged model (smollm2-135m-instruct, all-minilm-l6-v2), a transformers folder, or a .gguf file.
-    task: classification | causal_lm | auto (chosen from the data format).
-    dtype: float32 | bfloat16 weights."""
+    """The model to fine-tune and what to build on it."""
 
     name: str = "all-minilm-l6-v2"
-    task: Literal["auto", "classification", "causal_lm"] = "auto"
+    """A packaged model (`smollm2-135m-instruct`, `all-minilm-l6-v2`), a transformers folder, or a `.gguf`
+    file (dequantised once, cached in `$TUNESMITH_CACHE`, default `~/.cache/tunesmith`)."""
+    task: Literal["auto", "classification", "regression", "token_classification", "causal_lm"] = "auto"
+    """`classification` / `regression` (backbone + a new head on the pooled sequence), `token_classification`
+    (backbone + a new head on every token), `causal_lm`, or `auto`: the model the objective trains (set by
+    `objective.type`, or by the data format); another value must agree with it."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """The weights' dtype."""
 
 
 @dataclass
 class FreezeConfig:
-    """first_blocks: freeze embeddings + the first N blocks. patterns: module names/regex to freeze.
-    train_only: freeze all but these (e.g. [head] for a linear probe). train_norms/train_biases: unfreeze them.
-    batchnorm: auto (BatchNorm in frozen layers keeps its running statistics: eval mode) | freeze_all (every BN
-    frozen, statistics fixed) | train_all (every BN updates its statistics, as plain model.train())."""
+    """Which parameters stay frozen (see [freezing-and-heads.md](freezing-and-heads.md))."""
 
     first_blocks: int = 0
+    """Freeze the embeddings and the first N blocks of the main stack."""
     patterns: Optional[list[str]] = None
+    """Module names (exact / dotted suffix) or a regex to freeze."""
     train_only: Optional[list[str]] = None
+    """Freeze everything except these (e.g. `[head]`: a linear probe)."""
     train_norms: bool = False
+    """Unfreeze the normalisation layers."""
     train_biases: bool = False
+    """Unfreeze the biases."""
     batchnorm: Literal["auto", "freeze_all", "train_all"] = "auto"
+    """`auto`: BatchNorm in frozen layers keeps its running statistics (eval mode); `freeze_all`: every BN
+    frozen, statistics fixed; `train_all`: every BN updates its statistics, as plain `model.train()`."""
+
+    def __post_init__(self) -> None:
+        _require(self.first_blocks >= 0, "freeze.first_blocks: must be >= 0")
 
 
 @dataclass
 class HeadConfig:
-    """The task head for classification, trained from scratch: pooling cls | mean | last | max."""
+    """The task head for classification, trained from scratch."""
 
     pooling: Literal["cls", "mean", "last", "max"] = "mean"
+    """How the sequence is pooled for the head (padding ignored)."""
     dropout: float = 0.1
+    """Dropout before the head."""
 
 
 @dataclass
 class DataConfig:
-    """train / eval: a JSONL or CSV file, or a built-in dataset ('bbc-news:train', 'bbc-news:test').
-    format: auto | chat | prompt_completion | text | classification.
-    eval_fraction: held out from train when no eval file is given (seeded).
-    max_examples / max_eval_examples: use a seeded sample of this many train / eval examples (None: all).
-    overlong: what to do with examples longer than max_length: truncate | drop.
-    packing: pack short examples into full rows (LM objectives), attention never crosses examples.
-    image_size / augment (images): resize to image_size x image_size; none | crop | flip | crop_flip."""
+    """The training and evaluation data (see [data.md](data.md))."""
 
     train: str = ""
+    """A JSONL or CSV file, or a built-in dataset (`bbc-news:train`). Required."""
     eval: Optional[str] = None
-    format: Literal["auto", "chat", "prompt_completion", "text", "classification"] = "auto"
+    """An evaluation file or dataset (`bbc-news:test`); when null, `eval_fraction` of train is held out."""
+    format: str = field(default="auto", metadata={"choices": data_formats})
+    """How to read the rows; `auto` detects it from the file."""
     max_length: int = 512
+    """Tokens per example."""
     overlong: Literal["truncate", "drop"] = "truncate"
+    """What to do with examples longer than max_length (counts are reported)."""
     packing: bool = False
+    """Pack short examples into full rows (LM objectives; best-fit decreasing); attention never crosses
+    examples."""
     eval_fraction: float = 0.1
+    """Held out from train (seeded) when there is no eval file."""
     max_examples: Optional[int] = None
+    """Train on a seeded sample of this many examples (null: all)."""
     max_eval_examples: Optional[int] = None
+    """Evaluate on a seeded sample of this many examples (null: all)."""
     max_errors: int = 20
+    """How many data problems to list before "... and N more"."""
     image_size: int = 64
+    """Images: resize to image_size x image_size."""
     augment: Literal["none", "crop", "flip", "crop_flip"] = "none"
+    """Images: training augmentation."""
+
+    def __post_init__(self) -> None:
+        formats = data_formats()
+        _require(self.format in formats, f"data.format: must be one of {', '.join(formats)}; got {self.format!r}")
+        _require(0 <= self.eval_fraction < 1, "data.eval_fraction: must be in [0, 1)")
+        _require(self.max_length >= 8, "data.max_length: must be at least 8 tokens")
 
 
 @dataclass
 class ObjectiveConfig:
-    """type: auto | classification | sft (loss on assistant turns / completions) | causal_lm (every token)."""
+    """The loss the model is trained on."""
 
-    type: Literal["auto", "classification", "sft", "causal_lm"] = "auto"
+    type: str = field(default="auto", metadata={"choices": objective_types})
+    """`auto` (chosen from the data format) or a registered objective, e.g. `sft` (loss on assistant turns /
+    completions), `causal_lm` (every token), `classification`."""
     label_smoothing: float = 0.0
+    """Label smoothing for classification."""
+
+    def __post_init__(self) -> None:
+        if self.type != "auto":  # the default needs no registry (and no torch import)
+            names = objective_types()[1:]
+            _require(self.type in names,
+                     f"objective.type: must be auto or one of {', '.join(names)}; got {self.type!r}")
 
 
 @dataclass
 class TrainingConfig:
-    """Optimisation. Steps are optimizer steps (after gradient accumulation).
-
-    epochs / max_steps: how long (max_steps wins when set). batch_size x grad_accum = examples per step.
-    lr: peak learning rate; head_lr: a separate rate for a new head; loraplus_ratio: LoRA+ (B learns ratio x faster).
-    schedule: cosine | linear | constant after warmup_steps (or warmup_ratio of all steps).
-    max_grad_norm: gradient clipping (None: off). bf16: bfloat16 autocast. gradient_checkpointing: less memory.
-    device: auto (a CUDA GPU if there is one, then MPS, else CPU) | cpu | cuda | cuda:N | mps.
-    eval_every: steps between evaluations (0: at each epoch end); eval_at_start: measure before training too.
-    linear_probe_epochs: LP-FT; first train only the new head on frozen features for this many epochs (saved as
-    probe_head.safetensors: theta_0's head for WiSE-FT), then fine-tune as configured.
-    save_every: steps between checkpoints; keep_checkpoints: how many to keep.
-    early_stopping_patience: stop after this many evaluations without a lower eval loss (0: off).
-    """
+    """Optimisation. Steps are optimizer steps (after gradient accumulation)."""
 
     epochs: float = 1.0
+    """How long to train, in passes over the training data (max_steps wins when set)."""
     max_steps: Optional[int] = None
+    """How long to train, in optimizer steps; wins over epochs."""
     batch_size: int = 8
+    """Examples per micro-batch; batch_size x grad_accum = examples per optimizer step."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     lr: float = 2e-4
+    """Peak learning rate (typical: 2e-4 for LoRA, 2e-5 for full fine-tuning)."""
     head_lr: Optional[float] = None
+    """A separate learning rate for a new head (null: lr)."""
     loraplus_ratio: Optional[float] = None
+    """LoRA+: the B matrices learn this many times faster (null: off)."""
     weight_decay: float = 0.0
+    """AdamW weight decay (never on biases / norms)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """The learning-rate schedule after warmup."""
     warmup_ratio: float = 0.0
+    """Warmup as a share of all steps (the longer of warmup_ratio and warmup_steps is used)."""
     warmup_steps: int = 0
+    """Warmup in steps."""
     max_grad_norm: Optional[float] = 1.0
+    """Gradient clipping (null: off)."""
     bf16: bool = False
+    """bfloat16 autocast (weights stay float32)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more time."""
     device: str = "auto"
+    """`auto` (a CUDA GPU if there is one, then MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""
     eval_every: int = 0
+    """Steps between evaluations (0: at each epoch end)."""
     eval_at_start: bool = False
+    """Also evaluate before training."""
     linear_probe_epochs: float = 0.0
+    """LP-FT: first train only the new head on frozen features for this many epochs (saved as
+    probe_head.safetensors: theta_0's head for WiSE-FT), then fine-tune as configured."""
     save_every: int = 50
+    """Steps between checkpoints."""
     keep_checkpoints: int = 2
+    """How many checkpoints to keep."""
     early_stopping_patience: int = 0
+    """Stop after this many evaluations without a lower eval loss (0: off)."""
     log_every: int = 10
+    """Steps between metrics lines."""
     seed: int = 0
+    """Seeds the data order, head initialisation and dropout."""
     eval_batch_size: int = 32
+    """Examples per evaluation batch."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "training.batch_size: must be at least 1")
+        _require(self.grad_accum >= 1, "training.grad_accum: must be at least 1")
+        _require(self.lr > 0, "training.lr: must be positive (typical: 2e-4 for LoRA, 2e-5 for full fine-tuning)")
+        _require(self.epochs > 0 or (self.max_steps or 0) > 0, "training.epochs or training.max_steps must be positive")
+        _require(0 <= self.warmup_ratio < 1, "training.warmup_ratio: must be in [0, 1)")
+        _require(self.device.split(":")[0] in DEVICE_CHOICES,
+                 f"training.device: must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
 
 
 @dataclass
 class OutputConfig:
-    """dir: the run folder (config.yaml, metrics.jsonl, loss.png, checkpoints/, and adapter/, head/ or model/)."""
+    """Where the run is saved."""
 
     dir: str = "runs/run"
+    """The run folder (config.yaml, metrics.jsonl, loss.png, checkpoints/, and adapter/, head/ or model/)."""
     progress: bool = True
+    """Show a progress bar (loss, lr, tokens/s)."""
 
 
 @dataclass
 class RunConfig:
+    """A whole run: one field per section of the YAML file."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: Optional[AdapterConfig] = None
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
@@ -149,122 +230,45 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> "RunConfig":
-        t = self.training
-        checks = [
-            (t.batch_size >= 1, "training.batch_size: must be at least 1"),
-            (t.grad_accum >= 1, "training.grad_accum: must be at least 1"),
-            (t.lr > 0, "training.lr: must be positive (typical: 2e-4 for LoRA, 2e-5 for full fine-tuning)"),
-            (t.epochs > 0 or (t.max_steps or 0) > 0, "training.epochs or training.max_steps must be positive"),
-            (0 <= t.warmup_ratio < 1, "training.warmup_ratio: must be in [0, 1)"),
-            (0 <= self.data.eval_fraction < 1, "data.eval_fraction: must be in [0, 1)"),
-            (self.data.max_length >= 8, "data.max_length: must be at least 8 tokens"),
-            (self.freeze.first_blocks >= 0, "freeze.first_blocks: must be >= 0"),
-            (bool(self.data.train), "data.train: give a training file (JSONL/CSV) or a built-in dataset like 'bbc-news:train'"),
-            (t.device.split(":")[0] in DEVICE_CHOICES,
-             f"training.device: must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        """Checks a single section cannot make (each section checks its own fields when built)."""
+        _require(bool(self.data.train),
+                 "data.train: give a training file (JSONL/CSV) or a built-in dataset like 'bbc-news:train'")
         return self
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert a YAML value to the annotated type, with an error naming the key."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            value = [value]
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if as_float != int(as_float):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(as_float)
-    if tp is float:
-        try:
-            return float(value)  # YAML reads '2e-4' as a string
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: expected text, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls, data: Any, where: str):
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            near = closest(str(key), names, n=1)
-            hint = f"; did you mean {where}.{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{where}.{key}: unknown key{hint}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+def _build_adapter(value: Any) -> Optional[AdapterConfig]:
+    """null / 'none' / kind: none for full fine-tuning; otherwise the adapter class picked by kind."""
+    if value is None or value == "none" or (isinstance(value, dict) and value.get("kind") == "none"):
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"adapter: expected null or a mapping like {{kind: lora, r: 8}}, got {value!r} "
+                          "(as an override: adapter.kind=lora)")
     try:
-        return cls(**kwargs)
+        return adapter_from_dict(value)
     except ConfigError as e:
-        raise ConfigError(f"{where}.{e}") from None
+        raise ConfigError(f"adapter.{e}") from None
 
 
 def config_from_dict(data: dict) -> RunConfig:
     """Validate a plain dict (parsed YAML) into a RunConfig."""
     if not isinstance(data, dict):
         raise ConfigError("the config must be a mapping with sections: " + ", ".join(SECTIONS))
+    hints = typing.get_type_hints(RunConfig)
     kwargs = {}
     for key, value in data.items():
         if key not in SECTIONS:
             near = closest(str(key), SECTIONS, n=1)
             raise ConfigError(f"{key}: unknown section{'; did you mean ' + near[0] + '?' if near else ''} "
                               f"(sections: {', '.join(SECTIONS)})")
-        if key == "adapter":
-            if value is None or value == "none" or (isinstance(value, dict) and value.get("kind") == "none"):
-                kwargs[key] = None
-            else:
-                try:
-                    kwargs[key] = adapter_from_dict(dict(value))
-                except ConfigError as e:
-                    raise ConfigError(f"adapter.{e}") from None
-        else:
-            kwargs[key] = _build(typing.get_type_hints(RunConfig)[key], value, key)
+        kwargs[key] = _build_adapter(value) if key == "adapter" else build(hints[key], value, key)
     return RunConfig(**kwargs).validate()
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
+    """The config as plain data, section by section (the adapter with its kind); YAML's saved form."""
     out = {}
     for name in SECTIONS:
         value = getattr(cfg, name)
@@ -313,4 +317,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML (what a run saves as config.yaml and load_config reads back)."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

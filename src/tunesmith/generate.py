@@ -11,9 +11,11 @@ def load_generator(spec: str, device: str = "auto"):
     from .devices import resolve_device
     if (Path(spec) / "config.yaml").exists():
         from .train.artifacts import load_run
-        model, tok, _, task, _ = load_run(spec, merge=True)
-        if task != "causal_lm":
-            raise SystemExit(f"{spec}: this run trained a classifier; use `tunesmith eval` instead of generate/chat")
+        run = load_run(spec, merge=True)
+        if run.info.task != "causal_lm":
+            raise SystemExit(f"{spec}: this run trained a {run.info.task} model, not a language model; "
+                             "use `tunesmith eval` instead of generate/chat")
+        model, tok = run.model, run.tokenizer
     else:
         from .models import load_model, load_tokenizer
         model, tok = load_model(spec, "causal_lm").eval(), load_tokenizer(spec)

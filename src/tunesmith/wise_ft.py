@@ -44,14 +44,15 @@ class Interpolator:
     """Sets a loaded fine-tuned model to theta(alpha), in place."""
 
     def __init__(self, run_dir: Path, missing: str = "error", base: str | None = None) -> None:
-        self.model, self.tok, self.cfg, self.task, self.labels = load_run(run_dir)
+        self.run = load_run(run_dir)
+        self.model, self.cfg, self.info = self.run.model, self.run.cfg, self.run.info
         self.lora = (run_dir / "adapter").exists()
         self.head_name = getattr(self.model, "head_name", None)
         if self.lora and base:
             raise TunesmithError("--base with a LoRA run: theta_0 is always the adapter's own base model; omit --base")
         if base and (Path(base) / "config.yaml").exists():  # another run, e.g. a head-only linear probe
             self.head0 = self.head1 = None
-            self.theta0 = _state(load_run(base)[0])
+            self.theta0 = _state(load_run(base).model)
         else:
             self.head0, self.head1 = _head_states(self.model, run_dir, missing)
             if not self.lora:
@@ -62,7 +63,7 @@ class Interpolator:
     def _original(self, spec: str) -> dict:
         """The pretrained weights, with the probe head in place of the untrained one."""
         from .models import load_model
-        original = load_model(spec, self.task, num_labels=len(self.labels) if self.labels else None,
+        original = load_model(spec, self.info.task, num_labels=self.info.num_outputs,
                               pooling=self.cfg.head.pooling, dtype=self.cfg.model.dtype)
         theta0 = _state(original)
         if self.head0 is not None:
@@ -79,11 +80,6 @@ class Interpolator:
             self.model.load_state_dict(interpolate_weights(self.theta0, self.theta1, alpha))
 
 
-def score(metrics: dict, task: str) -> float:
-    """Higher is better: accuracy for classifiers, minus loss for LMs."""
-    return metrics["eval_accuracy"] if task == "classification" else -metrics["eval_loss"]
-
-
 def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str], select: str = "mean",
               out: str | Path | None = None, save: str | Path | None = None, missing: str = "error",
               batch_size: int = 64, base: str | None = None, log=print, device: str = "auto") -> dict:
@@ -93,25 +89,25 @@ def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str
         raise TunesmithError("give at least one --eval NAME=DATA (e.g. --eval id=mnist:test --eval ood=digits:all)")
     interp = Interpolator(run_dir, missing, base)
     interp.model.to(resolve_device(device))  # theta_0/theta_1 stay on the CPU and are copied in per alpha
-    sets = {name: encode_eval_set(spec, interp.tok, interp.cfg, interp.task, interp.labels) for name, spec in eval_sets.items()}
-    pad = getattr(interp.tok, "pad_token_id", None) or 0
-    n_classes = len(interp.labels) if interp.labels else None
+    sets = {name: encode_eval_set(spec, interp.run) for name, spec in eval_sets.items()}
+    objective = interp.run.objective
     rows = []
     for a in alphas:
         interp.set(a)
         row = {"alpha": a}
         for name, examples in sets.items():
-            m = evaluate(interp.model, examples, interp.task, pad, batch_size, n_classes)
+            m = evaluate(interp.model, examples, objective, interp.run.pad_id, batch_size)
             row.update({f"{name}_{k.removeprefix('eval_')}": v for k, v in m.items()})
-            row[f"{name}_score"] = score(m, interp.task)
+            row[f"{name}_score"] = objective.score(m)  # higher is better
         rows.append(row)
         log("alpha {:.2f}: ".format(a) + ", ".join(f"{n}={row[f'{n}_score']:.4f}" for n in sets))
     best = choose_alpha(rows, list(sets), select)
     out = Path(out) if out else run_dir / "interpolation"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "interpolation.csv")
-    plot_sweep(rows, list(sets), interp.task, out / "interpolation.png", best)
-    result = {"rows": rows, "best_alpha": best, "select": select, "csv": str(out / "interpolation.csv"),
+    plot_sweep(rows, list(sets), objective.headline, out / "interpolation.png", best)
+    result = {"rows": rows, "best_alpha": best, "select": select, "metric": objective.headline,
+              "csv": str(out / "interpolation.csv"),
               "plot": str(out / "interpolation.png")}
     if save:
         interp.set(best)
@@ -159,15 +155,16 @@ def save_interpolated(interp: Interpolator, target: Path, alpha: float) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target / "config.yaml", dump_config(interp.cfg))
     atomic_write_text(target / "interpolation.json", json.dumps({"alpha": alpha}))
-    save_result(target, model, interp.tok, interp.cfg, interp.task, interp.labels)
+    info = copy.copy(interp.info)
+    info.artifact = save_result(target, model, interp.run.tokenizer, interp.cfg, info)[1]
+    info.write(target)
     return target
 
 
-def plot_sweep(rows: list[dict], names: list[str], task: str, path: Path, best: float) -> None:
+def plot_sweep(rows: list[dict], names: list[str], metric: str, path: Path, best: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metric = "accuracy" if task == "classification" else "loss"
     alphas = [r["alpha"] for r in rows]
     panels = 2 if len(names) >= 2 else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), dpi=100, squeeze=False)

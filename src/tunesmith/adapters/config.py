@@ -1,14 +1,21 @@
-"""Typed, validated adapter configs. One dataclass per adapter kind; shared targeting fields."""
+"""Typed, validated adapter configs. One dataclass per adapter kind; shared targeting fields.
+
+Each field's docstring (the string under it) is its documentation: docs/config.md is generated from them
+(`python -m tunesmith.config_docs --write`).
+"""
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Literal, Union
 
-from ..errors import ConfigError
+from ..configbuild import build
+from ..errors import ConfigError, closest
 
 Targets = Union[str, list[str]]
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+Activation = Literal["relu", "gelu", "silu", "tanh"]
+ACTIVATIONS = typing.get_args(Activation)
 
 
 def _check_targets(value: object, name: str, allow_none: bool = False) -> None:
@@ -24,22 +31,20 @@ def _check_targets(value: object, name: str, allow_none: bool = False) -> None:
 
 @dataclass
 class AdapterTargets:
-    """Where an adapter goes. Shared by every adapter kind.
-
-    targets: a list of module names (exact, or matching the end of a dotted name: 'q_proj' matches
-        'model.layers.0.self_attn.q_proj'), a regex string matched against the full name, or 'all-linear'
-        (every Linear / GPT-2 Conv1D except the output head), or 'all-conv' (every non-grouped Conv layer).
-    exclude: names (list, same rules) or a regex string of modules never to wrap.
-    layers_to_transform: only wrap modules inside these block indices (e.g. [10, 11]).
-    layers_pattern: the name of the block list (e.g. 'layers', 'h'); guessed when None.
-    modules_to_save: modules trained in full and saved with the adapter (e.g. a new 'classifier' head).
-    """
+    """Where an adapter goes. Shared by every adapter kind."""
 
     targets: Targets = "all-linear"
+    """A list of module names (exact, or matching the end of a dotted name: 'q_proj' matches
+    'model.layers.0.self_attn.q_proj'), a regex string matched against the full name, or 'all-linear'
+    (every Linear / GPT-2 Conv1D except the output head), or 'all-conv' (every non-grouped Conv layer)."""
     exclude: Targets | None = None
+    """Names (list, same rules as targets) or a regex string of modules never to wrap."""
     layers_to_transform: int | list[int] | None = None
+    """Only wrap modules inside these block indices (e.g. [10, 11])."""
     layers_pattern: str | list[str] | None = None
+    """The name of the block list (e.g. 'layers', 'h'); guessed when null."""
     modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. a new 'classifier' head)."""
 
     def __post_init__(self) -> None:
         _check_targets(self.targets, "targets")
@@ -64,26 +69,26 @@ class AdapterTargets:
 
 @dataclass
 class LoraConfig(AdapterTargets):
-    """LoRA: y = base(x) + scale * B(A(dropout(x))), with B = 0 at start so a fresh adapter changes nothing.
-
-    r: rank of A (r x in) and B (out x r).
-    alpha: scale = alpha / r, or alpha / sqrt(r) with use_rslora (rank-stabilised LoRA).
-    dropout: dropout on the adapter's input only.
-    rank_pattern / alpha_pattern: per-module overrides, {name-or-regex: value}.
-    bias: which biases train with the adapter: 'none', 'all', or 'lora_only' (biases of wrapped modules).
-    use_dora: DoRA, weight-decomposed LoRA (a trained magnitude per output unit); Linear-type layers only.
-    init: 'default' (Kaiming-uniform A, zero B, as PEFT) or 'gaussian' (A ~ N(0, 1/r)).
-    """
+    """LoRA: y = base(x) + scale * B(A(dropout(x))), with B = 0 at start so a fresh adapter changes nothing."""
 
     r: int = 8
+    """Rank of A (r x in) and B (out x r)."""
     alpha: float = 16.0
+    """Scale = alpha / r, or alpha / sqrt(r) with use_rslora."""
     dropout: float = 0.0
+    """Dropout on the adapter's input only (training only)."""
     use_rslora: bool = False
+    """Rank-stabilised LoRA: scale = alpha / sqrt(r)."""
     use_dora: bool = False
+    """DoRA, weight-decomposed LoRA (a trained magnitude per output unit); Linear-type layers only."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train and are saved with the adapter (`lora_only`: the biases of wrapped modules)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides, {name-or-regex: r}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides, {name-or-regex: alpha}."""
     init: Literal["default", "gaussian"] = "default"
+    """How A starts: `default` (Kaiming-uniform A, zero B, as PEFT) or `gaussian` (A ~ N(0, 1/r))."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,10 +119,12 @@ class IA3Config(AdapterTargets):
     """IA3: learned scaling vectors, initialised to one.
 
     Output scaling y = l * base(x) for most modules; input scaling y = base(l * x) for the modules
-    named in `feedforward` (PEFT's `feedforward_modules`, typically the MLP down projection).
+    named in `feedforward`.
     """
 
     feedforward: Targets | None = None
+    """Modules scaled on their input instead of their output (PEFT's `feedforward_modules`, typically the
+    MLP down projection); names or a regex, same rules as targets."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -134,13 +141,16 @@ class BottleneckConfig(AdapterTargets):
 
     Houlsby places one after the attention output and one after the MLP; Pfeiffer only after the MLP:
     choose with `targets`. The up projection starts at zero, so a fresh adapter is the identity.
-    size: bottleneck width (or set reduction_factor: width = features // reduction_factor).
     """
 
     size: int | None = None
+    """Bottleneck width; when null, width = features // reduction_factor."""
     reduction_factor: int = 16
-    activation: str = "relu"
+    """The width when size is null: features // reduction_factor."""
+    activation: Activation = "relu"
+    """The nonlinearity between the down and up projections."""
     scale: float = 1.0
+    """Multiplies the adapter's output before it is added to h."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,27 +167,32 @@ class BottleneckConfig(AdapterTargets):
 
 
 AdapterConfig = Union[LoraConfig, IA3Config, BottleneckConfig]
+KINDS: dict[str, type[AdapterTargets]] = {"lora": LoraConfig, "ia3": IA3Config, "bottleneck": BottleneckConfig}
+"""Every adapter kind by its `kind` name; the first is the default."""
 
 
 def config_to_dict(config: AdapterConfig) -> dict:
+    """The config as plain data with its 'kind' (what config_from_dict reads back)."""
     d = {f.name: getattr(config, f.name) for f in fields(config)}
     d["kind"] = config.kind
     return d
 
 
 def config_from_dict(d: dict) -> AdapterConfig:
-    """Build a config from a plain dict with a 'kind' key; unknown keys are errors naming the nearest."""
-    from ..errors import closest
-
+    """Build a config from a plain dict with a 'kind' key (default lora): the class is picked by kind, then
+    built like every config section, each value coerced to its field's type. Unknown keys are errors naming
+    the nearest; errors name the field without a prefix (`r: ...`), the run config adds `adapter.`."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"adapter config: expected a mapping with a 'kind' ({', '.join(KINDS)}), got {d!r}")
     d = dict(d)
     kind = d.pop("kind", "lora")
-    cls = {"lora": LoraConfig, "ia3": IA3Config, "bottleneck": BottleneckConfig}.get(kind)
+    cls = KINDS.get(kind)
     if cls is None:
-        raise ConfigError(f"kind: unknown adapter kind {kind!r}; choose lora, ia3 or bottleneck")
-    known = {f.name for f in fields(cls)}
+        raise ConfigError(f"kind: unknown adapter kind {kind!r}; choose {', '.join(list(KINDS)[:-1])} or {list(KINDS)[-1]}")
+    known = [f.name for f in fields(cls)]
     for key in d:
         if key not in known:
-            near = closest(key, known, n=1)
+            near = closest(str(key), known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{key}: not a {kind} adapter option{hint}")
-    return cls(**d)
+    return build(cls, d)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .builtin import is_builtin, load_builtin
 from .formats import DataError, Problem, Record, read_records, validate
@@ -17,8 +18,10 @@ class PreparedData:
     fmt: str
     train: list[dict]
     eval: list[dict]
-    labels: list | None = None  # class names, index = class id
+    labels: list | None = None  # class (or tag) names, index = class id
     notes: list[str] = field(default_factory=list)  # what the pipeline did that the user should know
+    modality: str = "text"  # text | image
+    transform: Callable | None = None  # (batch, torch.Generator) -> batch, e.g. image augmentation; seeded per batch
 
 
 def load_records(spec: str) -> tuple[list[Record], list[Problem]]:
@@ -43,8 +46,27 @@ def holdout_split(items: list, fraction: float, seed: int, notes: list[str]) -> 
     return [items[i] for i in sorted(order[k:])], [items[i] for i in order[:k]]
 
 
-def prepare_data(data_cfg, tok, objective: str, seed: int = 0) -> PreparedData:
-    """Read, validate, split, tokenize and (optionally) pack the run's data. All problems at once."""
+def _classes(records: list[Record], fmt: str) -> list:
+    """The training classes: class labels, or every tag of a token-classification set (sorted, ints first)."""
+    values = {r.data["label"] for r in records} if fmt == "classification" else {t for r in records for t in r.data["tags"]}
+    return sorted(values, key=lambda v: (isinstance(v, str), v))
+
+
+def _unseen_classes(records: list[Record], fmt: str, index: dict, labels: list, what: str) -> list[Problem]:
+    known = ", ".join(map(str, labels))
+    if fmt == "classification":
+        return [Problem(r.source, r.line, "label", f"label {r.data['label']!r} {what} (known: {known})")
+                for r in records if r.data["label"] not in index]
+    return [Problem(r.source, r.line, f"tags[{j}]", f"tag {t!r} {what} (known: {known})")
+            for r in records for j, t in enumerate(r.data["tags"]) if t not in index]
+
+
+CLASSED = ("classification", "token_classification")  # formats whose targets are classes from a fixed set
+
+
+def prepare_data(data_cfg, tok, objective, seed: int = 0) -> PreparedData:
+    """Read, validate, split, tokenize and (for LM objectives, when asked) pack the run's data. All problems
+    at once. `objective` is the objective's class: it may change each encoded example and says if it packs."""
     train_recs, problems = load_records(data_cfg.train)
     eval_recs, eval_problems = load_records(data_cfg.eval) if data_cfg.eval else ([], [])
     fmt = validate(train_recs, problems + eval_problems, data_cfg.format, data_cfg.max_errors)
@@ -56,16 +78,16 @@ def prepare_data(data_cfg, tok, objective: str, seed: int = 0) -> PreparedData:
         train_recs, eval_recs = holdout_split(train_recs, data_cfg.eval_fraction, seed, notes)
     eval_recs = seeded_sample(eval_recs, data_cfg.max_eval_examples, seed, "eval", "max_eval_examples", notes)
     labels, index = None, None
-    if fmt == "classification":
-        labels = sorted({r.data["label"] for r in train_recs}, key=lambda v: (isinstance(v, str), v))
+    if fmt in CLASSED:
+        labels = _classes(train_recs, fmt)
         index = {v: i for i, v in enumerate(labels)}
-        unseen = [Problem(r.source, r.line, "label", f"label {r.data['label']!r} not seen in training "
-                                                      f"(known: {', '.join(map(str, labels))})")
-                  for r in eval_recs if r.data["label"] not in index]
+        unseen = _unseen_classes(eval_recs, fmt, index, labels, "not seen in training")
         if unseen:
             raise DataError(unseen[: data_cfg.max_errors], total=len(unseen))
         if len(labels) < 2:
-            raise DataError([Problem(data_cfg.train, 0, "label", f"only one class ({labels[0]!r}); need at least two")])
+            what = "class" if fmt == "classification" else "tag"
+            raise DataError([Problem(data_cfg.train, 0, "label" if fmt == "classification" else "tags",
+                                     f"only one {what} ({labels[0]!r}); need at least two")])
     enc_train = encode_records(tok, train_recs, fmt, data_cfg.max_length, data_cfg.overlong, index)
     enc_eval = encode_records(tok, eval_recs, fmt, data_cfg.max_length, data_cfg.overlong, index)
     for name, enc in (("train", enc_train), ("eval", enc_eval)):
@@ -78,31 +100,29 @@ def prepare_data(data_cfg, tok, objective: str, seed: int = 0) -> PreparedData:
                          f"truncation (e.g. {', '.join(enc.fully_masked[:3])}); raise data.max_length to keep them")
     if not enc_train.examples:
         raise DataError([Problem(data_cfg.train, 0, "examples", "no usable training examples remain")])
-    if objective == "causal_lm":  # learn every token, even prompts
-        for enc in (enc_train, enc_eval):
-            for ex in enc.examples:
-                ex["labels"] = list(ex["input_ids"])
-    train, evals = enc_train.examples, enc_eval.examples
-    if data_cfg.packing and fmt != "classification":
+    train = [objective.prepare_example(ex) for ex in enc_train.examples]
+    evals = [objective.prepare_example(ex) for ex in enc_eval.examples]
+    if data_cfg.packing:
         before = len(train)
         train = pack_examples(train, data_cfg.max_length)
         notes.append(f"packed {before} training examples into {len(train)} rows of <= {data_cfg.max_length} tokens")
     return PreparedData(fmt, train, evals, labels, notes)
 
 
-def prepare_eval(spec: str, tok, data_cfg, objective: str, labels: list | None) -> list[dict]:
-    """Encode one evaluation file/dataset with a finished run's settings and label set."""
+def prepare_eval(spec: str, tok, data_cfg, objective, labels: list | None, modality: str = "text") -> list[dict]:
+    """Encode one evaluation file/dataset with a finished run's settings, objective and class set."""
+    if modality == "image":
+        from ..vision.data import encode_images
+        return encode_images(spec, data_cfg.image_size, {v: i for i, v in enumerate(labels)})[0]
     records, problems = load_records(spec)
     fmt = validate(records, problems, data_cfg.format, data_cfg.max_errors)
+    if fmt not in objective.formats:
+        raise DataError([Problem(spec, 0, "format", f"this is {fmt} data, but the run trained {objective.name} on "
+                                                    f"{' or '.join(objective.formats)} data")])
     index = {v: i for i, v in enumerate(labels)} if labels else None
     if index is not None:
-        unseen = [Problem(r.source, r.line, "label", f"label {r.data['label']!r} was not a training class "
-                                                      f"(known: {', '.join(map(str, labels))})")
-                  for r in records if r.data["label"] not in index]
+        unseen = _unseen_classes(records, fmt, index, labels, "was not a training class")
         if unseen:
             raise DataError(unseen[: data_cfg.max_errors], total=len(unseen))
     enc = encode_records(tok, records, fmt, data_cfg.max_length, data_cfg.overlong, index)
-    if objective == "causal_lm":
-        for ex in enc.examples:
-            ex["labels"] = list(ex["input_ids"])
-    return enc.examples
+    return [objective.prepare_example(ex) for ex in enc.examples]

@@ -1,9 +1,29 @@
-"""Batches: padding, masks, and a deterministic order that a resumed run can reproduce exactly."""
+"""Batches: padding, masks, and a deterministic order that a resumed run can reproduce exactly.
+
+A collated batch holds the model's inputs (MODEL_INPUTS) beside its targets: `labels` (next-token ids,
+IGNORE = no loss), `label` (a class per example), `value` (a number per example) or `tags` (a class per
+token, IGNORE = untagged). Objectives read the targets; the data side alone knows the inputs.
+"""
 from __future__ import annotations
 
 import torch
 
 from .tokenize import IGNORE
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
+TOKEN_TARGETS = ("labels", "tags")  # padded like input_ids, with IGNORE
+
+
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """The part of a batch the model takes as keyword arguments."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def batch_units(batch: dict) -> int:
+    """What throughput counts in a batch: images, or real (non-padding) tokens."""
+    if "pixel_values" in batch:
+        return batch["pixel_values"].shape[0]
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -23,9 +43,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         pos = torch.zeros((len(examples), width), dtype=torch.long)
     else:
         mask = torch.zeros((len(examples), width), dtype=torch.long)
-    has_labels = "labels" in examples[0]
-    if has_labels:
-        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    token_targets = {k: torch.full((len(examples), width), IGNORE, dtype=torch.long) for k in TOKEN_TARGETS if k in examples[0]}
     for r, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[r, :n] = torch.tensor(e["input_ids"])
@@ -34,17 +52,18 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             pos[r, n:] = torch.arange(width - n)
         else:
             mask[r, :n] = 1
-        if has_labels:
-            labels[r, :n] = torch.tensor(e["labels"])
+        for k, target in token_targets.items():
+            target[r, :n] = torch.tensor(e[k])
     batch["input_ids"] = ids
     if packed:
         batch["position_ids"] = pos
     else:
         batch["attention_mask"] = mask
-    if has_labels:
-        batch["labels"] = labels
-    else:
+    batch.update(token_targets)
+    if "label" in examples[0]:
         batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    if "value" in examples[0]:
+        batch["value"] = torch.tensor([e["value"] for e in examples], dtype=torch.float32)
     return batch
 
 

@@ -5,17 +5,21 @@ Formats users already have:
   prompt_completion  {"prompt": "...", "completion": "..."}
   text               {"text": "..."}                      (continued pre-training / domain adaptation)
   classification     {"text": "...", "label": "sport"}    (labels as strings or ints; also CSV with text,label)
+  token_classification {"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]}
+                     (NER / POS: one tag per word; tags as strings or ints)
+  regression         {"text": "...", "value": 3.2}        (a finite number per text; also CSV with text,value)
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TunesmithError
 
-FORMATS = ("chat", "prompt_completion", "text", "classification")
+FORMATS = ("chat", "prompt_completion", "text", "classification", "token_classification", "regression")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -75,15 +79,27 @@ def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
 
 
 def _read_csv(path: Path) -> tuple[list[Record], list[Problem]]:
+    """text,label -> classification records; text,value -> regression records (label wins if both are there)."""
     with path.open(encoding="utf-8", errors="replace", newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
-        missing = [c for c in ("text", "label") if c not in fields]
+        target = "label" if "label" in fields or "value" not in fields else "value"
+        missing = [c for c in ("text", target) if c not in fields]
         if missing:
-            return [], [Problem(str(path), 1, "header", f"missing column(s) {', '.join(missing)}; "
-                                                        f"a classification CSV needs 'text' and 'label' (found: {', '.join(fields)})")]
-        records = [Record(str(path), reader.line_num, {"text": row["text"], "label": row["label"]}) for row in reader]
-    return records, []
+            return [], [Problem(str(path), 1, "header", f"missing column(s) {', '.join(missing)}; a CSV needs 'text' and "
+                                                        f"'label' (classification) or 'text' and 'value' (regression) "
+                                                        f"(found: {', '.join(fields)})")]
+        if target == "label":
+            return [Record(str(path), reader.line_num, {"text": row["text"], "label": row["label"]}) for row in reader], []
+        records, problems = [], []
+        for row in reader:
+            try:
+                value = float(row["value"])
+            except (TypeError, ValueError):  # TypeError: a short row has no value cell (None)
+                problems.append(Problem(str(path), reader.line_num, "value", f"expected a number, got {row['value']!r}"))
+                continue
+            records.append(Record(str(path), reader.line_num, {"text": row["text"], "value": value}))
+    return records, problems
 
 
 def detect_format(data: dict) -> str | None:
@@ -91,8 +107,12 @@ def detect_format(data: dict) -> str | None:
         return "chat"
     if "prompt" in data or "completion" in data:
         return "prompt_completion"
+    if "tokens" in data or "tags" in data:
+        return "token_classification"
     if "label" in data:
         return "classification"
+    if "value" in data:
+        return "regression"
     if "text" in data:
         return "text"
     return None
@@ -108,52 +128,118 @@ def _nonempty_text(rec: Record, key: str, out: list[Problem]) -> None:
         out.append(Problem(rec.source, rec.line, key, "is empty"))
 
 
+def _check_chat(rec: Record, out: list[Problem]) -> None:
+    msgs = rec.data.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        out.append(Problem(rec.source, rec.line, "messages", "expected a non-empty list of {role, content} objects"))
+        return
+    trained = 0
+    for j, m in enumerate(msgs):
+        where = f"messages[{j}]"
+        if not isinstance(m, dict):
+            out.append(Problem(rec.source, rec.line, where, "expected an object with 'role' and 'content'"))
+            continue
+        role = m.get("role")
+        if role not in ROLES:
+            out.append(Problem(rec.source, rec.line, f"{where}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}"))
+        content = m.get("content")
+        if not isinstance(content, str) or not content.strip():
+            if not (role == "assistant" and m.get("tool_calls")):
+                out.append(Problem(rec.source, rec.line, f"{where}.content", "is empty" if content in ("", None)
+                                   else f"expected text, got {type(content).__name__}"))
+        if "weight" in m:
+            if role != "assistant":
+                out.append(Problem(rec.source, rec.line, f"{where}.weight", "only assistant messages take a weight"))
+            elif m["weight"] not in (0, 1):
+                out.append(Problem(rec.source, rec.line, f"{where}.weight", f"must be 0 or 1, got {m['weight']!r}"))
+        if role == "assistant" and m.get("weight", 1) != 0:
+            trained += 1
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+        out.append(Problem(rec.source, rec.line, "messages", "no assistant message: there is nothing to learn"))
+    elif trained == 0:
+        out.append(Problem(rec.source, rec.line, "messages", "every assistant message has weight 0, so every label "
+                                                             "is masked; remove the example or set a weight to 1"))
+
+
+def _check_prompt_completion(rec: Record, out: list[Problem]) -> None:
+    _nonempty_text(rec, "prompt", out)
+    _nonempty_text(rec, "completion", out)
+
+
+def _check_text(rec: Record, out: list[Problem]) -> None:
+    _nonempty_text(rec, "text", out)
+
+
+def _is_class_name(v) -> bool:
+    """A class name or integer id: not a bool, not blank."""
+    return not isinstance(v, bool) and isinstance(v, (str, int)) and not (isinstance(v, str) and not v.strip())
+
+
+def _check_classification(rec: Record, out: list[Problem]) -> None:
+    _nonempty_text(rec, "text", out)
+    label = rec.data.get("label")
+    if "label" not in rec.data:
+        out.append(Problem(rec.source, rec.line, "label", "missing"))
+    elif not _is_class_name(label):
+        out.append(Problem(rec.source, rec.line, "label", f"expected a class name or integer, got {label!r}"))
+
+
+def _check_token_classification(rec: Record, out: list[Problem]) -> None:
+    tokens, tags = rec.data.get("tokens"), rec.data.get("tags")
+    words_ok = False
+    if "tokens" not in rec.data:
+        out.append(Problem(rec.source, rec.line, "tokens", "missing"))
+    elif not isinstance(tokens, list) or not tokens:
+        out.append(Problem(rec.source, rec.line, "tokens", f"expected a non-empty list of words, got {tokens!r}"))
+    else:
+        words_ok = True
+        for j, w in enumerate(tokens):
+            if not isinstance(w, str):
+                out.append(Problem(rec.source, rec.line, f"tokens[{j}]", f"expected text, got {type(w).__name__} {w!r}"))
+            elif not w.strip():  # a blank word has no sub-token to carry its tag
+                out.append(Problem(rec.source, rec.line, f"tokens[{j}]", "is empty"))
+    if "tags" not in rec.data:
+        out.append(Problem(rec.source, rec.line, "tags", "missing"))
+    elif not isinstance(tags, list):
+        out.append(Problem(rec.source, rec.line, "tags", f"expected a list with one tag per token, got {tags!r}"))
+    else:
+        if words_ok and len(tags) != len(tokens):
+            out.append(Problem(rec.source, rec.line, "tags", f"has {len(tags)} tags but tokens has {len(tokens)} words; "
+                                                             "give exactly one tag per token"))
+        for j, t in enumerate(tags):
+            if not _is_class_name(t):
+                out.append(Problem(rec.source, rec.line, f"tags[{j}]", f"expected a tag name or integer, got {t!r}"))
+
+
+def _check_regression(rec: Record, out: list[Problem]) -> None:
+    _nonempty_text(rec, "text", out)
+    value = rec.data.get("value")
+    if "value" not in rec.data:
+        out.append(Problem(rec.source, rec.line, "value", "missing"))
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        out.append(Problem(rec.source, rec.line, "value", f"expected a number, got {value!r}"))
+    elif not math.isfinite(value):
+        out.append(Problem(rec.source, rec.line, "value", f"must be a finite number, got {value!r}; "
+                                                          "fix or remove the example"))
+
+
+CHECKS = {
+    "chat": _check_chat,
+    "prompt_completion": _check_prompt_completion,
+    "text": _check_text,
+    "classification": _check_classification,
+    "token_classification": _check_token_classification,
+    "regression": _check_regression,
+}
+
+
 def check_record(rec: Record, fmt: str) -> list[Problem]:
     """Every problem with one record in format `fmt`."""
+    check = CHECKS.get(fmt)
+    if check is None:
+        raise ValueError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
     out: list[Problem] = []
-    d = rec.data
-    if fmt == "chat":
-        msgs = d.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            return [Problem(rec.source, rec.line, "messages", "expected a non-empty list of {role, content} objects")]
-        trained = 0
-        for j, m in enumerate(msgs):
-            where = f"messages[{j}]"
-            if not isinstance(m, dict):
-                out.append(Problem(rec.source, rec.line, where, "expected an object with 'role' and 'content'"))
-                continue
-            role = m.get("role")
-            if role not in ROLES:
-                out.append(Problem(rec.source, rec.line, f"{where}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}"))
-            content = m.get("content")
-            if not isinstance(content, str) or not content.strip():
-                if not (role == "assistant" and m.get("tool_calls")):
-                    out.append(Problem(rec.source, rec.line, f"{where}.content", "is empty" if content in ("", None)
-                                       else f"expected text, got {type(content).__name__}"))
-            if "weight" in m:
-                if role != "assistant":
-                    out.append(Problem(rec.source, rec.line, f"{where}.weight", "only assistant messages take a weight"))
-                elif m["weight"] not in (0, 1):
-                    out.append(Problem(rec.source, rec.line, f"{where}.weight", f"must be 0 or 1, got {m['weight']!r}"))
-            if role == "assistant" and m.get("weight", 1) != 0:
-                trained += 1
-        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
-            out.append(Problem(rec.source, rec.line, "messages", "no assistant message: there is nothing to learn"))
-        elif trained == 0:
-            out.append(Problem(rec.source, rec.line, "messages", "every assistant message has weight 0, so every label "
-                                                                 "is masked; remove the example or set a weight to 1"))
-    elif fmt == "prompt_completion":
-        _nonempty_text(rec, "prompt", out)
-        _nonempty_text(rec, "completion", out)
-    elif fmt == "text":
-        _nonempty_text(rec, "text", out)
-    elif fmt == "classification":
-        _nonempty_text(rec, "text", out)
-        label = d.get("label")
-        if "label" not in d:
-            out.append(Problem(rec.source, rec.line, "label", "missing"))
-        elif isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, str) and not label.strip()):
-            out.append(Problem(rec.source, rec.line, "label", f"expected a class name or integer, got {label!r}"))
+    check(rec, out)
     return out
 
 
@@ -169,10 +255,12 @@ def validate(records: list[Record], problems: list[Problem], fmt: str = "auto", 
             first = records[0] if records else None
             raise DataError(problems + ([Problem(first.source, first.line, "keys",
                                                  f"cannot tell the format from keys {sorted(first.data)}; expected "
-                                                 "messages | prompt+completion | text+label | text")] if first else []))
+                                                 "messages | prompt+completion | tokens+tags | text+label | "
+                                                 "text+value | text")] if first else []))
     for rec in records:
         found = detect_format(rec.data)
-        if found is not None and found != fmt and not (fmt == "text" and found == "classification"):
+        # a text file may hold classification / regression rows: their text is trained on, the rest ignored
+        if found is not None and found != fmt and not (fmt == "text" and found in ("classification", "regression")):
             problems.append(Problem(rec.source, rec.line, "keys", f"looks like {found} but the file is {fmt} "
                                                                    f"(keys: {', '.join(sorted(rec.data))})"))
             continue

@@ -2,7 +2,9 @@
 
 Chat: rendered with the model's chat template; only assistant turns are learned (weight 0 turns are
 not). Prompt/completion: loss on the completion only. Text: loss on every token. Classification: ids +
-class index. Examples longer than max_length are truncated or dropped, and counted.
+class index. Regression: ids + float value. Token classification: ids + one tag index per token id, set on
+the first sub-token of each word and -100 on special tokens and continuation sub-tokens. Examples longer
+than max_length are truncated or dropped, and counted.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ IGNORE = -100
 
 @dataclass
 class Encoded:
-    examples: list[dict] = field(default_factory=list)  # {"input_ids", "labels"} or {"input_ids", "label"}
+    # {"input_ids", "labels"} (LM), {"input_ids", "label"}, {"input_ids", "value"} or {"input_ids", "tags"}
+    examples: list[dict] = field(default_factory=list)
     truncated: int = 0
     dropped: int = 0
     fully_masked: list[str] = field(default_factory=list)  # "file:line" of examples with no label left
@@ -49,11 +52,40 @@ def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
+def encode_word_tags(tok, rec: Record, label_index: dict) -> tuple[list[int], list[int]]:
+    """ids and per-token tag indices for pre-split words: the word's tag on its first sub-token, else -100.
+
+    e.g. ["Saarbrücken"] -> [CLS] sa ##ar ##bruck ##en [SEP] -> tags [-100, B-LOC, -100, -100, -100, -100].
+    """
+    if not getattr(tok, "is_fast", False):
+        raise DataError([Problem("tokenizer", 0, "is_fast", f"token classification needs a fast tokenizer (its "
+                                                            f"word_ids() align tags to sub-tokens); {type(tok).__name__} "
+                                                            "is a slow one: use a model that ships a tokenizer.json")])
+    words, tags = rec.data["tokens"], rec.data["tags"]
+    unknown = [Problem(rec.source, rec.line, f"tags[{j}]", f"tag {t!r} not seen in training "
+                                                           f"(known: {', '.join(map(str, label_index))})")
+               for j, t in enumerate(tags) if t not in label_index]
+    if unknown:
+        raise DataError(unknown)
+    enc = tok(words, is_split_into_words=True, add_special_tokens=True)
+    tag_ids, previous = [], None
+    for word in enc.word_ids():  # None for special tokens, else the index of the word the sub-token came from
+        tag_ids.append(IGNORE if word is None or word == previous else label_index[tags[word]])
+        previous = word
+    return enc["input_ids"], tag_ids
+
+
 def encode_record(tok, rec: Record, fmt: str, label_index: dict | None) -> dict:
     d = rec.data
     if fmt == "classification":
         ids = tok(d["text"], add_special_tokens=True)["input_ids"]
         return {"input_ids": ids, "label": label_index[d["label"]]}
+    if fmt == "regression":
+        ids = tok(d["text"], add_special_tokens=True)["input_ids"]
+        return {"input_ids": ids, "value": float(d["value"])}
+    if fmt == "token_classification":
+        ids, tags = encode_word_tags(tok, rec, label_index)
+        return {"input_ids": ids, "tags": tags}
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     if fmt == "chat":
         ids, labels = encode_chat(tok, d["messages"])
@@ -79,8 +111,17 @@ def encode_records(tok, records: list[Record], fmt: str, max_length: int, overlo
                 continue
             out.truncated += 1
             ex = {k: (v[:max_length] if isinstance(v, list) else v) for k, v in ex.items()}
-        if "labels" in ex and all(x == IGNORE for x in ex["labels"][1:]):
+        if nothing_to_learn(ex):
             out.fully_masked.append(f"{rec.source}:{rec.line}")
             continue
         out.examples.append(ex)
     return out
+
+
+def nothing_to_learn(ex: dict) -> bool:
+    """True when every target of an encoded example is masked (-100)."""
+    if "labels" in ex:  # LM labels are shifted by one for next-token loss, so the first one never counts
+        return all(x == IGNORE for x in ex["labels"][1:])
+    if "tags" in ex:  # one tag per token, no shift
+        return all(x == IGNORE for x in ex["tags"])
+    return False

@@ -143,9 +143,13 @@ def load_tokenizer(spec: str):
     return tok
 
 
+HEADS = ("classification", "regression", "token_classification")  # a backbone with a new TaskModel head
+
+
 def load_model(spec: str, task: str, num_labels: int | None = None, pooling: str = "mean",
                head_dropout: float = 0.1, dtype: str = "float32"):
-    """Load `spec` for a task: 'causal_lm' (AutoModelForCausalLM) or 'classification' (backbone + new head)."""
+    """Load `spec` for a task: 'causal_lm' (AutoModelForCausalLM), or a backbone with a new head:
+    'classification' / 'token_classification' (num_labels outputs) or 'regression' (one output)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     from ..heads import TaskModel
@@ -158,14 +162,15 @@ def load_model(spec: str, task: str, num_labels: int | None = None, pooling: str
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if task == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    elif task == "classification":
-        if not num_labels:
-            raise TunesmithError("classification needs the number of labels (found from the training data)")
+    elif task in HEADS:
+        outputs = 1 if task == "regression" else num_labels
+        if not outputs:
+            raise TunesmithError(f"{task} needs the number of labels (found from the training data)")
         backbone = AutoModel.from_pretrained(path, dtype=torch_dtype, local_files_only=True, add_pooling_layer=False) \
             if _is_bert_like(path) else AutoModel.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-        model = TaskModel(backbone, num_labels, pooling=pooling, dropout=head_dropout).to(torch_dtype)
+        model = TaskModel(backbone, outputs, task=task, pooling=pooling, dropout=head_dropout).to(torch_dtype)
     else:
-        raise TunesmithError(f"unknown task {task!r}; choose classification or causal_lm")
+        raise TunesmithError(f"unknown task {task!r}; choose causal_lm or one of {', '.join(HEADS)}")
     model.name_or_path = str(spec)
     return model
 

@@ -1,40 +1,62 @@
-"""Losses as functions. Each returns (summed loss, count) so gradient accumulation can normalise over the
-whole accumulated batch: accumulated steps then equal one large batch exactly."""
+"""Objectives: what a run optimises. One module per objective, each a small object the loop calls
+(the interface is in base.py); a new objective is a new module here that sets `OBJECTIVE = TheClass`.
+
+    from tunesmith.objectives import make_objective, objective_names
+"""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import importlib
+import pkgutil
+from functools import cache
 
-IGNORE = -100
+from ..errors import ConfigError
+from .base import Objective
+from .losses import IGNORE, classification_loss_sum, lm_loss_sum, lm_token_correct, macro_f1, span_f1
 
-
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy summed over label tokens: logits (B, T, V), labels (B, T) with -100 = ignore."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
-    return loss, int((shift_labels != IGNORE).sum())
+__all__ = ["IGNORE", "Objective", "classification_loss_sum", "default_objective", "lm_loss_sum", "lm_token_correct",
+           "macro_f1", "make_objective", "objective_class", "objective_names", "span_f1"]
 
 
-def lm_token_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
-    pred = logits[:, :-1].argmax(-1)
-    target = labels[:, 1:]
-    return int(((pred == target) & (target != IGNORE)).sum())
+@cache
+def _registry() -> dict[str, type[Objective]]:
+    found = {}
+    for mod in pkgutil.iter_modules(__path__):
+        cls = getattr(importlib.import_module(f"{__name__}.{mod.name}"), "OBJECTIVE", None)
+        if cls is not None:
+            found[cls.name] = cls
+    return dict(sorted(found.items()))
 
 
-def classification_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Cross-entropy summed over examples: logits (B, C), labels (B,)."""
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
-    return loss, labels.numel()
+def objective_names() -> tuple[str, ...]:
+    return tuple(_registry())
 
 
-def macro_f1(pred: list[int], gold: list[int], num_classes: int) -> float:
-    """Macro-averaged F1 over classes present in gold or pred."""
-    scores = []
-    for c in range(num_classes):
-        tp = sum(p == c and g == c for p, g in zip(pred, gold))
-        fp = sum(p == c and g != c for p, g in zip(pred, gold))
-        fn = sum(p != c and g == c for p, g in zip(pred, gold))
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / max(len(scores), 1)
+def objective_class(name: str) -> type[Objective]:
+    try:
+        return _registry()[name]
+    except KeyError:
+        raise ConfigError(f"objective.type: unknown objective {name!r}; choose auto or one of "
+                          f"{', '.join(objective_names())}") from None
+
+
+def default_objective(fmt: str) -> type[Objective]:
+    """The objective `objective.type: auto` picks for a data format."""
+    for cls in _registry().values():
+        if fmt in cls.default_for:
+            return cls
+    raise ConfigError(f"no objective trains on {fmt!r} data; set objective.type (one of {', '.join(objective_names())})")
+
+
+def choose_objective(requested: str, fmt: str) -> type[Objective]:
+    """The configured objective (or the format's default), checked against the data format."""
+    cls = default_objective(fmt) if requested == "auto" else objective_class(requested)
+    if fmt not in cls.formats:
+        fits = [n for n, c in _registry().items() if fmt in c.formats]
+        raise ConfigError(f"objective.type={cls.name} does not train on {fmt} data (it takes "
+                          f"{', '.join(cls.formats)}); for {fmt} data use objective.type: {' or '.join(fits) or 'auto'}")
+    return cls
+
+
+def make_objective(name: str, params: dict | None = None) -> Objective:
+    """Rebuild a run's objective from run.json (its name and `params()`)."""
+    return objective_class(name)(**(params or {}))

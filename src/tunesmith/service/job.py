@@ -106,7 +106,7 @@ def result_csv(metrics_path: Path) -> bytes:
 def run(job_id: str, data_dir: str) -> int:
     import yaml
     from ..config import apply_overrides, config_from_dict
-    from ..train import train
+    from ..train import StepEvent, train
     store = Store(data_dir)
     job, row = store.get_job(job_id), store.job_row(job_id)
     resume = bool(row["resume"])
@@ -144,20 +144,20 @@ def run(job_id: str, data_dir: str) -> int:
 
     parent = os.getppid()
 
-    def on_step(step: int, info: dict) -> None:
+    def on_step(event: StepEvent) -> None:
         if os.getppid() != parent:  # the server died: stop; the restarted server resumes from the last checkpoint
             os._exit(75)
-        total = info["total_steps"]
-        step_metrics = {"step": step, "train_loss": info["loss"], "train_mean_token_accuracy": info["accuracy"]}
-        if info.get("eval"):
-            step_metrics.update(valid_loss=info["eval"]["eval_loss"], valid_mean_token_accuracy=info["eval"]["eval_token_accuracy"])
-        store.add_event(job_id, f"Step {step}/{total}: training loss={info['loss']:.4f}", type_="metrics",
+        step, total = event.step, event.total_steps
+        step_metrics = {"step": step, "train_loss": event.loss, "train_mean_token_accuracy": event.accuracy}
+        if event.eval:
+            step_metrics.update(valid_loss=event.eval["eval_loss"], valid_mean_token_accuracy=event.eval["eval_token_accuracy"])
+        store.add_event(job_id, f"Step {step}/{total}: training loss={event.loss:.4f}", type_="metrics",
                         data={**step_metrics, "total_steps": total})
-        if info.get("checkpoint"):  # like OpenAI's, a checkpoint is a model you can chat with
+        if event.checkpoint:  # like OpenAI's, a checkpoint is a model you can chat with
             from ..adapters import save_adapter
             name = f"{_model_name(job, base_name)}:ckpt-step-{step}"
             folder = run_dir / "checkpoint-models" / f"step-{step}"
-            save_adapter(info["model"], folder / "adapter", metadata={"task": "causal_lm", "step": str(step)})
+            save_adapter(event.model, folder / "adapter", metadata={"task": "causal_lm", "step": str(step)})
             store.add_model(name, job_id, job["model"], str(folder), job.get("organization_id", "user"))
             store.add_checkpoint(job_id, step, step_metrics, name)
 

@@ -1,55 +1,36 @@
-"""Evaluation with the task's metrics: loss, token accuracy and perplexity for LMs; accuracy and F1 for classifiers."""
+"""Evaluation with the objective's metrics (loss, perplexity and token accuracy for LMs; accuracy and F1 for
+classifiers; RMSE, MAE, R² for regression; span F1 for tagging), on the device the model is on."""
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from ..data.batching import collate
 from ..devices import autocast, model_device, to_device
-from ..objectives import classification_loss_sum, lm_loss_sum, lm_token_correct, macro_f1
-
-
-def forward(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """Logits for a collated batch (labels are not passed: losses are computed by tunesmith)."""
-    if "pixel_values" in batch:
-        return model(batch["pixel_values"])
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    if task == "classification":
-        return model(**inputs)
-    return model(**inputs, use_cache=False).logits
+from ..objectives import Objective
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, batch_size: int = 32,
-             num_classes: int | None = None, bf16: bool = False) -> dict[str, float]:
-    """Metrics over `examples`, on the device the model is on."""
+def evaluate(model: nn.Module, examples: list[dict], objective: Objective, pad_id: int, batch_size: int = 32,
+             bf16: bool = False) -> dict[str, float]:
+    """The objective's eval_* metrics over encoded `examples` ({} when there are none)."""
     if not examples:
         return {}
     device = model_device(model)
     was_training = model.training
     model.eval()
-    total_loss, count, correct = 0.0, 0, 0
-    preds, gold = [], []
+    loss_sum, count, correct = 0.0, 0, 0
+    collected: dict[str, list] = {}
     for i in range(0, len(examples), batch_size):
         batch = to_device(collate(examples[i:i + batch_size], pad_id), device)
         with autocast(device, bf16):
-            logits = forward(model, batch, task).float()
-        if task == "classification":
-            loss, n = classification_loss_sum(logits, batch["label"])
-            p = logits.argmax(-1)
-            correct += int((p == batch["label"]).sum())
-            preds += p.tolist()
-            gold += batch["label"].tolist()
-        else:
-            loss, n = lm_loss_sum(logits, batch["labels"])
-            correct += lm_token_correct(logits, batch["labels"])
-        total_loss += float(loss)
+            out = objective.forward(model, batch).float()
+        loss, n = objective.eval_loss(out, batch)
+        c = objective.correct(out, batch)
+        correct = None if c is None or correct is None else correct + c
+        for key, values in objective.collect(out, batch).items():
+            collected.setdefault(key, []).extend(values)
+        loss_sum += float(loss)
         count += n
     model.train(was_training)
-    loss = total_loss / max(count, 1)
-    if task == "classification":
-        return {"eval_loss": loss, "eval_accuracy": correct / max(count, 1),
-                "eval_f1": macro_f1(preds, gold, num_classes or (max(gold) + 1))}
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)), "eval_token_accuracy": correct / max(count, 1)}
+    return objective.metrics(loss_sum, count, correct, collected)

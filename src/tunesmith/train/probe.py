@@ -12,15 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.batching import collate
+from ..data.batching import collate, model_inputs
 from ..devices import model_device, to_device
-from ..errors import TunesmithError
-
-
-def _inputs(batch: dict) -> dict:
-    if "pixel_values" in batch:
-        return {"pixel_values": batch["pixel_values"]}
-    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+from ..errors import ConfigError, TunesmithError
 
 
 @torch.no_grad()
@@ -29,7 +23,7 @@ def cached_features(model: nn.Module, examples: list[dict], pad_id: int, batch_s
     device = model_device(model)
     for i in range(0, len(examples), batch_size):
         batch = to_device(collate(examples[i:i + batch_size], pad_id), device)
-        feats.append(model.pooled_features(**_inputs(batch)).float())
+        feats.append(model.pooled_features(**model_inputs(batch)).float())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
 
@@ -55,3 +49,15 @@ def linear_probe(model: nn.Module, examples: list[dict], pad_id: int, epochs: fl
         opt.zero_grad(set_to_none=True)
     model.train(was_training)
     return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+def run_linear_probe(run) -> None:
+    """LP of LP-FT for a run: probe the new head, save it as probe_head.safetensors (WiSE-FT's theta_0 head)."""
+    from safetensors.torch import save_file
+    t = run.cfg.training
+    if run.objective.name != "classification":
+        raise ConfigError(f"training.linear_probe_epochs: linear probing trains a classifier's new head; this run's "
+                          f"objective is {run.objective.name}. Set it to 0")
+    probe = linear_probe(run.model, run.data.train, run.pad_id, t.linear_probe_epochs, t.head_lr or 10 * t.lr,
+                         t.batch_size, t.seed, t.weight_decay)
+    save_file({k: v.cpu().contiguous() for k, v in probe.items()}, str(run.run_dir / "probe_head.safetensors"))

@@ -1,4 +1,4 @@
-"""From a RunConfig to a ready model, tokenizer and data: the `setup` of setup -> train -> save."""
+"""From a RunConfig to a ready model, tokenizer, data and objective: what `setup` builds a run from."""
 from __future__ import annotations
 
 import copy
@@ -10,31 +10,29 @@ from torch import nn
 
 from ..adapters import add_adapter
 from ..config import RunConfig
-from ..data import PreparedData, holdout_split, prepare_data, seeded_sample
+from ..data import PreparedData, prepare_data
+from ..errors import ConfigError
 from ..freeze import (
     freeze, freeze_batchnorm, freeze_first_blocks, set_biases_trainable, set_norms_trainable, train_only, unfreeze,
 )
 from ..models import is_vision_model, load_model, load_tokenizer
+from ..objectives import Objective, choose_objective
+from ..runinfo import RunInfo, model_spec
 
 
 @dataclass
-class Setup:
+class Built:
+    """A run's parts before training: the model with its trainable parts, tokenizer, data and objective."""
     model: nn.Module
     tokenizer: object
     data: PreparedData
-    task: str  # classification | causal_lm
-    objective: str  # classification | sft | causal_lm
+    objective: Objective
+    info: RunInfo
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def choose_objective(cfg: RunConfig, fmt: str) -> str:
-    if cfg.objective.type != "auto":
-        return cfg.objective.type
-    return {"classification": "classification", "text": "causal_lm"}.get(fmt, "sft")
 
 
 def peek_format(cfg: RunConfig) -> str:
@@ -51,25 +49,17 @@ def peek_format(cfg: RunConfig) -> str:
     return "text"
 
 
-def attach_trainables(model: nn.Module, cfg: RunConfig, task: str) -> None:
-    """The adapter (with the new head in modules_to_save) or full training, then the freeze options."""
+def attach_trainables(model: nn.Module, cfg: RunConfig) -> None:
+    """The adapter (with a new head in modules_to_save) or full training, then the freeze options."""
     if cfg.adapter is not None:
         adapter_cfg = copy.deepcopy(cfg.adapter)
-        head = getattr(model, "head_name", "head")
-        if task == "classification" and head not in (adapter_cfg.modules_to_save or []):
+        head = getattr(model, "head_name", None)  # models with a head trained from scratch name it
+        if head is not None and head not in (adapter_cfg.modules_to_save or []):
             adapter_cfg.modules_to_save = list(adapter_cfg.modules_to_save or []) + [head]  # the new head trains too
         add_adapter(model, adapter_cfg)
     else:
         unfreeze(model)
     apply_freeze(model, cfg)
-
-
-def _build_vision(cfg: RunConfig) -> Setup:
-    data = prepare_image_data(cfg)
-    seed_everything(cfg.training.seed)
-    model = load_model(cfg.model.name, "classification", num_labels=len(data.labels))
-    attach_trainables(model, cfg, "classification")
-    return Setup(model, None, data, "classification", "classification")
 
 
 def apply_freeze(model: nn.Module, cfg: RunConfig) -> None:
@@ -88,34 +78,31 @@ def apply_freeze(model: nn.Module, cfg: RunConfig) -> None:
         freeze_batchnorm(model)
 
 
-def prepare_image_data(cfg: RunConfig) -> PreparedData:
-    from ..vision.data import encode_images
-    d = cfg.data
-    train, labels = encode_images(d.train, d.image_size)
-    notes = [f"{len(train)} training images, {len(labels)} classes, resized to {d.image_size}x{d.image_size}"]
-    seed = cfg.training.seed
-    evals = encode_images(d.eval, d.image_size, {v: i for i, v in enumerate(labels)})[0] if d.eval else []
-    train = seeded_sample(train, d.max_examples, seed, "training", "max_examples", notes)
-    if not d.eval and d.eval_fraction > 0:
-        train, evals = holdout_split(train, d.eval_fraction, seed, notes)
-    evals = seeded_sample(evals, d.max_eval_examples, seed, "eval", "max_eval_examples", notes)
-    return PreparedData("image", train, evals, labels, notes)
-
-
-def build(cfg: RunConfig, tokenizer=None) -> Setup:
-    """Load tokenizer, data and model; attach the head, adapter and freezing the config asks for."""
+def build(cfg: RunConfig, tokenizer=None) -> Built:
+    """Load tokenizer, data and model; choose the objective; attach the head, adapter and freezing asked for."""
     seed_everything(cfg.training.seed)
     if is_vision_model(cfg.model.name):
-        return _build_vision(cfg)
-    fmt = peek_format(cfg)
-    objective = choose_objective(cfg, fmt)
-    task = cfg.model.task if cfg.model.task != "auto" else ("classification" if objective == "classification" else "causal_lm")
-    tok = tokenizer or load_tokenizer(cfg.model.name)
-    data = prepare_data(cfg.data, tok, objective, cfg.training.seed)
-    seed_everything(cfg.training.seed)  # the new head's init does not depend on how much data was read
-    model = load_model(cfg.model.name, task, num_labels=len(data.labels) if data.labels else None,
-                       pooling=cfg.head.pooling, head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
-    attach_trainables(model, cfg, task)
+        from ..vision.data import prepare_images
+        objective_cls, tok = choose_objective(cfg.objective.type, "image"), None
+        data = prepare_images(cfg.data, cfg.training.seed)
+        seed_everything(cfg.training.seed)
+    else:
+        objective_cls = choose_objective(cfg.objective.type, peek_format(cfg))
+        if cfg.data.packing and not objective_cls.packable:
+            raise ConfigError(f"data.packing: {objective_cls.name} examples cannot be packed (only next-token "
+                              "objectives pack); set data.packing=false")
+        tok = tokenizer or load_tokenizer(cfg.model.name)
+        data = prepare_data(cfg.data, tok, objective_cls, cfg.training.seed)
+        seed_everything(cfg.training.seed)  # the new head's init does not depend on how much data was read
+    objective = objective_cls.create(cfg.objective, data)
+    task = objective.task
+    if cfg.model.task not in ("auto", task):
+        raise ConfigError(f"model.task={cfg.model.task} does not fit objective {objective.name}, which trains a "
+                          f"{task} model; set model.task=auto")
+    info = RunInfo(task, objective.name, data.fmt, data.modality, data.labels, objective.params(), model_spec(cfg))
+    model = load_model(cfg.model.name, task, num_labels=info.num_outputs, pooling=cfg.head.pooling,
+                       head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
+    attach_trainables(model, cfg)
     if cfg.training.gradient_checkpointing:
         hf = getattr(model, "backbone", model)
         kwargs = {"use_reentrant": False}
@@ -125,4 +112,4 @@ def build(cfg: RunConfig, tokenizer=None) -> Setup:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(hf, "enable_input_require_grads"):
             hf.enable_input_require_grads()
-    return Setup(model, tok, data, task, objective)
+    return Built(model, tok, data, objective, info)

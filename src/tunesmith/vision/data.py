@@ -152,3 +152,23 @@ def encode_images(spec: str, size: int, label_index: dict | None = None) -> tupl
                                                    f"(known: {', '.join(map(str, label_index))})")])
     examples = [{"pixel_values": to_tensor(img, size), "label": label_index[lbl]} for img, lbl in zip(images, labels)]
     return examples, list(label_index)
+
+
+def prepare_images(d, seed: int):
+    """The run's image data (config section `d`): train / eval examples, class names, and the augmentation
+    the loop applies to each training batch (seeded by the batch's position, so a resumed run sees the same)."""
+    from functools import partial
+    from ..data import PreparedData, holdout_split, seeded_sample
+    train, labels = encode_images(d.train, d.image_size)
+    notes = [f"{len(train)} training images, {len(labels)} classes, resized to {d.image_size}x{d.image_size}"]
+    evals = encode_images(d.eval, d.image_size, {v: i for i, v in enumerate(labels)})[0] if d.eval else []
+    train = seeded_sample(train, d.max_examples, seed, "training", "max_examples", notes)
+    if not d.eval and d.eval_fraction > 0:
+        train, evals = holdout_split(train, d.eval_fraction, seed, notes)
+    evals = seeded_sample(evals, d.max_eval_examples, seed, "eval", "max_eval_examples", notes)
+    transform = None if d.augment == "none" else partial(_augment_batch, mode=d.augment)
+    return PreparedData("image", train, evals, labels, notes, modality="image", transform=transform)
+
+
+def _augment_batch(batch: dict, generator: torch.Generator, mode: str) -> dict:
+    return {**batch, "pixel_values": augment(batch["pixel_values"], mode, generator)}

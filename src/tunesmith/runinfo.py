@@ -1,0 +1,71 @@
+"""run.json: what a run folder is. Written when training starts and again when it finishes; `eval`,
+`generate`, `merge`, `interpolate` and the service read it instead of the training data (which may have
+moved since)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import TunesmithError
+from .io import atomic_write_text
+
+RUN_JSON = "run.json"
+
+
+@dataclass
+class RunInfo:
+    task: str  # the model's head: causal_lm | classification | regression | token_classification
+    objective: str  # the objective's name (tunesmith.objectives)
+    format: str  # the training data's format: chat | prompt_completion | text | classification | image | ...
+    modality: str = "text"  # text | image
+    labels: list | None = None  # class or tag names, index = class id
+    objective_params: dict = field(default_factory=dict)  # what rebuilds the objective (e.g. target mean/std)
+    model: dict = field(default_factory=dict)  # name, dtype, pooling, head_dropout: how to load the base again
+    artifact: str | None = None  # adapter | head | model, once the run has finished
+    version: int = 1
+
+    def write(self, run_dir: Path) -> None:
+        atomic_write_text(Path(run_dir) / RUN_JSON, json.dumps(asdict(self), indent=1) + "\n")
+
+    def make_objective(self):
+        from .objectives import make_objective
+        return make_objective(self.objective, self.objective_params)
+
+    @property
+    def num_outputs(self) -> int | None:
+        """The new head's width: classes or tags, 1 for regression, None for a language model."""
+        return 1 if self.task == "regression" else (len(self.labels) if self.labels else None)
+
+
+def read_run_info(run_dir: Path, cfg=None) -> RunInfo:
+    """The run's run.json; for a folder made before run.json existed, the same facts from config.yaml and
+    labels.json (the objective then is the configured one, or sft for a language model)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_JSON
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            return RunInfo(**{f.name: data[f.name] for f in fields(RunInfo) if f.name in data})
+        except (ValueError, TypeError, KeyError) as e:
+            raise TunesmithError(f"{path}: unreadable ({e}); it is written by `tunesmith train`") from None
+    if cfg is None:
+        raise TunesmithError(f"{run_dir}: not a tunesmith run folder (no {RUN_JSON} or config.yaml)")
+    from .models import is_vision_model
+    labels_file = run_dir / "labels.json"
+    labels = json.loads(labels_file.read_text()) if labels_file.exists() else None
+    model = model_spec(cfg)
+    if labels is not None:
+        image = is_vision_model(cfg.model.name)
+        return RunInfo("classification", "classification", "image" if image else "classification",
+                       "image" if image else "text", labels,
+                       {"num_classes": len(labels), "label_smoothing": cfg.objective.label_smoothing,
+                        "modality": "image" if image else "text"}, model)
+    objective = cfg.objective.type if cfg.objective.type in ("sft", "causal_lm") else "sft"
+    return RunInfo("causal_lm", objective, "chat", "text", None, {}, model)
+
+
+def model_spec(cfg) -> dict:
+    """How to load the run's base model again."""
+    return {"name": cfg.model.name, "dtype": cfg.model.dtype, "pooling": cfg.head.pooling,
+            "head_dropout": cfg.head.dropout}
