@@ -177,7 +177,7 @@ def test_gpu_generation_from_a_run(tmp_path, lm_dir):
     from tunesmith.generate import generate, load_generator
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
     train(lm_config(lm_dir, data, tmp_path / "run", "training.device=cuda"), **quiet)
-    model, tok = load_generator(str(tmp_path / "run"), "cuda")
+    model, tok, _ = load_generator(str(tmp_path / "run"), "cuda")
     assert next(model.parameters()).device.type == "cuda"
     assert isinstance(generate(model, tok, [{"role": "user", "content": "hi"}], max_new_tokens=8), str)
     ids = torch.tensor([[1, 2, 3, 4]])

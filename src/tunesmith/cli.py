@@ -10,9 +10,23 @@ EPILOG_TRAIN = """\
 overrides: any config field as section.key=value, e.g.
   tunesmith train examples/bbc_lora.yaml training.lr=1e-3 training.epochs=2 adapter.r=16
 sections: model, adapter, freeze, head, data, objective, training, output (see docs/config.md)
-The run folder (output.dir) gets config.yaml, metrics.jsonl, loss.png, checkpoints/, and adapter/ (an adapter),
-head/ (only a new head trained) or model/ (full or partial fine-tuning).
+Text values are taken as written: data.train="/data/my set #2/x.jsonl" keeps the '#' (quote the whole argument
+for your shell); numbers, true/false, null and [lists] are read as YAML.
+The run folder (output.dir) gets config.yaml, run.json, metrics.jsonl, loss.png, checkpoints/, and adapter/ (an
+adapter), head/ (only a new head trained) or model/ (full or partial fine-tuning). A folder that already holds
+anything is refused: --resume continues it, --overwrite replaces it.
 Ctrl-C saves a checkpoint; `--resume` continues from the latest one to the same result."""
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 DEVICE_HELP = "auto (a CUDA GPU if present, then MPS, else CPU; default), cpu, cuda, cuda:N or mps"
 
 
@@ -22,15 +36,19 @@ def cmd_train(args) -> int:
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not Path(config).exists():  # no YAML file, overrides only
         config, overrides = None, [config] + overrides
+    if config and Path(config).is_dir():  # a run folder: its saved config (what `--resume RUN` needs)
+        if not (Path(config) / "config.yaml").exists():
+            raise SystemExit(f"{config} is a folder without config.yaml: give a config YAML or a run folder")
+        config = str(Path(config) / "config.yaml")
     cfg = load_config(config, overrides)
     if args.quiet:
         cfg.output.progress = False
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         return 130
     before = result.get("before") or {}
-    keys = ("steps", "first_loss", "final_loss", "eval_loss", "eval_accuracy", "eval_f1", "eval_perplexity", "seconds")
+    keys = ["steps", "first_loss", "final_loss", *(k for k in result if k.startswith("eval_")), "seconds"]
     print("\n" + "\n".join(f"{k:>16}: {result[k]:.4f}" if isinstance(result.get(k), float) else f"{k:>16}: {result[k]}"
                            for k in keys if result.get(k) is not None))
     for k, v in before.items():
@@ -64,13 +82,13 @@ def _messages(args, prompt: str) -> list[dict]:
 
 def cmd_generate(args) -> int:
     from .generate import generate, load_generator
-    model, tok = load_generator(args.model, args.device)
+    model, tok, template = load_generator(args.model, args.device, args.template)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for p in prompts:
         if len(prompts) > 1:
             print(f">>> {p}")
         reply = generate(model, tok, _messages(args, p), args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                         stream=True)
+                         stream=True, template=template)
         if not reply:
             print("(empty reply)")
     return 0
@@ -78,7 +96,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .generate import generate, load_generator
-    model, tok = load_generator(args.model, args.device)
+    model, tok, template = load_generator(args.model, args.device, args.template)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits")
     while True:
@@ -96,17 +114,20 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         print("bot> ", end="", flush=True)
-        reply = generate(model, tok, history, args.max_new_tokens, args.temperature, args.top_p, args.seed, stream=True)
+        reply = generate(model, tok, history, args.max_new_tokens, args.temperature, args.top_p, args.seed, stream=True,
+                         template=template)
         history.append({"role": "assistant", "content": reply})
 
 
 def cmd_merge(args) -> int:
     from .train.artifacts import load_run, write_model_folder
+    from .io import check_output_folder
+    check_output_folder(args.out, args.overwrite, "merged model")
     run = load_run(args.run, merge=True)
-    write_model_folder(Path(args.out), run.model, run.tokenizer, run.info.labels)
+    write_model_folder(Path(args.out), run.model, run.tokenizer, run.info.labels, run.info.objective_params)
     head = (Path(args.out) / "head.safetensors").exists()
     print(f"merged model written to {args.out} (loads with transformers' from_pretrained"
-          f"{f'; the {run.info.task} head is head.safetensors' if head else ''}"
+          f"{f'; the {run.info.task} head is head.safetensors, described in head.json' if head else ''}"
           f"{', labels in labels.json' if run.info.labels else ''})")
     return 0
 
@@ -131,7 +152,7 @@ def cmd_inspect(args) -> int:
             own = sum(p.numel() for p in module.parameters(recurse=False))
             print(f"  {name:<60} {type(module).__name__:<22} {own:>12,}")
         if layout and not is_head_name(name):
-            leaves.setdefault(_target_group(name, module), []).append(f"{type(module).__name__}{tuple(module.weight.shape)}")
+            leaves.setdefault(_target_group(name, module), []).append(_signature(module))
     try:
         stack, blocks = find_blocks(model)
         print(f"block stack: {stack} ({len(blocks)} blocks) -> freeze.first_blocks: 0..{len(blocks)}")
@@ -150,6 +171,19 @@ def cmd_inspect(args) -> int:
     if not args.all:
         print("(--all lists every module)")
     return 0
+
+
+def _signature(module) -> str:
+    """A layer as its constructor reads: Linear(in, out), Conv2d(in, out, kernel), Embedding(num, dim)."""
+    kind = type(module).__name__
+    if hasattr(module, "in_features"):
+        return f"{kind}({module.in_features}, {module.out_features})"
+    if hasattr(module, "in_channels"):
+        k = "x".join(map(str, module.kernel_size))
+        return f"{kind}({module.in_channels}, {module.out_channels}, {k})"
+    if kind == "Conv1D" and hasattr(module, "nf"):  # GPT-2's Conv1D keeps its weight as (in, out)
+        return f"{kind}({module.weight.shape[0]}, {module.nf})"
+    return f"{kind}{tuple(module.weight.shape)}"
 
 
 def _target_group(name: str, module) -> str:
@@ -177,7 +211,7 @@ def cmd_interpolate(args) -> int:
         name, spec = item.split("=", 1)
         evals[name] = spec
     result = run_sweep(args.finetuned, parse_alphas(args.alphas), evals, select=args.select, out=args.out,
-                       save=args.save, missing=args.missing, batch_size=args.batch_size, base=args.base,
+                       save=args.save, overwrite=args.overwrite, missing=args.missing, batch_size=args.batch_size, base=args.base,
                        device=args.device)
     rows, names, metric = result["rows"], list(evals), result["metric"]
     print("\n  alpha  " + "  ".join(f"{n + ' ' + metric:>16}" for n in names))
@@ -234,16 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune from a YAML config", epilog=EPILOG_TRAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a model as the YAML config says; overrides change single fields.")
-    t.add_argument("config", nargs="?", help="run config YAML (omit to configure with overrides only)")
+    t.add_argument("config", nargs="?", help="run config YAML, or a run folder (its config.yaml); omit to configure "
+                                             "with overrides only")
     t.add_argument("overrides", nargs="*", help="section.key=value changes, e.g. training.lr=2e-4")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in output.dir (`tunesmith train RUN_FOLDER --resume` "
+                        "reads the run's saved config.yaml)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in output.dir (without it, a folder that holds anything is refused)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a finished run", description="Evaluate a run folder on its eval data or --data.")
     e.add_argument("run", help="run folder (output.dir of `tunesmith train`)")
     e.add_argument("--data", help="JSONL/CSV file or built-in dataset to evaluate on (default: the run's data.eval)")
-    e.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    e.add_argument("--batch-size", type=positive_int, default=32, help="examples per forward pass (default 32)")
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.set_defaults(func=cmd_eval)
 
@@ -254,17 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             g.add_argument("--prompt", action="append", help="a user message (repeatable; default: one per stdin line)")
         g.add_argument("--system", help="system message to put first")
-        g.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
+        g.add_argument("--max-new-tokens", type=positive_int, default=128, help="longest reply in tokens (default 128)")
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
         g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
         g.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
         g.add_argument("--device", default="auto", help=DEVICE_HELP)
+        g.add_argument("--template", choices=["auto", "chat", "raw"], default="auto",
+                       help="how prompts are written: auto (as the run trained: raw text for prompt/completion runs, "
+                            "the chat template for chat runs and plain models), chat, or raw")
         g.set_defaults(func=func)
 
     m = sub.add_parser("merge", help="adapter + base -> plain model folder",
                        description="Merge a run's adapter into its base model and write a folder transformers loads.")
     m.add_argument("run", help="run folder with adapter/")
-    m.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    m.add_argument("--out", required=True, help="folder to write; must be new or empty (a run folder is never replaced)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (not a run folder)")
     m.set_defaults(func=cmd_merge)
 
     w = sub.add_parser("interpolate", help="WiSE-FT: sweep fine-tuned <-> original weights",
@@ -279,11 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an evaluation set, repeatable: e.g. --eval id=mnist:test --eval ood=digits:all")
     w.add_argument("--select", default="mean",
                    help="which alpha to save: 'mean' (best average over the sets), an eval NAME, or a number")
-    w.add_argument("--save", help="write the model at the chosen alpha to this folder (a loadable run folder)")
+    w.add_argument("--save", help="write the model at the chosen alpha to this folder (a loadable run folder); "
+                                  "it must be new or empty")
+    w.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder (an earlier --save result, never another run)")
     w.add_argument("--out", help="folder for CSV/PNG/JSON (default FINETUNED/interpolation)")
     w.add_argument("--missing", choices=["error", "finetuned"], default="error",
                    help="a new head without a probe head: error (default) or keep the fine-tuned head at every alpha")
-    w.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    w.add_argument("--batch-size", type=positive_int, default=64, help="examples per forward pass (default 64)")
     w.add_argument("--device", default="auto", help=DEVICE_HELP)
     w.set_defaults(func=cmd_interpolate)
 
@@ -322,10 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flags_first(argv: list[str]) -> list[str]:
+    """`train` takes its flags anywhere, also between overrides (`train cfg.yaml --resume training.x=1`): its
+    flags take no values, so they move in front of the positional config and overrides."""
+    if not argv or argv[0] != "train":
+        return argv
+    return ["train", *(a for a in argv[1:] if a.startswith("-")), *(a for a in argv[1:] if not a.startswith("-"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_flags_first(sys.argv[1:] if argv is None else list(argv)))
     from .errors import TunesmithError
     try:
         return args.func(args) or 0

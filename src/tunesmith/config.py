@@ -9,6 +9,7 @@ them (`python -m tunesmith.config_docs --write`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,9 @@ class HeadConfig:
     dropout: float = 0.1
     """Dropout before the head."""
 
+    def __post_init__(self) -> None:
+        _require(0 <= self.dropout < 1, f"head.dropout: must be in [0, 1), got {self.dropout!r}")
+
 
 @dataclass
 class DataConfig:
@@ -123,6 +127,11 @@ class DataConfig:
         _require(self.format in formats, f"data.format: must be one of {', '.join(formats)}; got {self.format!r}")
         _require(0 <= self.eval_fraction < 1, "data.eval_fraction: must be in [0, 1)")
         _require(self.max_length >= 8, "data.max_length: must be at least 8 tokens")
+        for key in ("max_examples", "max_eval_examples"):
+            _require(getattr(self, key) is None or getattr(self, key) >= 1,
+                     f"data.{key}: must be at least 1, or null for all")
+        _require(self.max_errors >= 1, "data.max_errors: must be at least 1")
+        _require(self.image_size >= 8, "data.image_size: must be at least 8 pixels")
 
 
 @dataclass
@@ -130,16 +139,18 @@ class ObjectiveConfig:
     """The loss the model is trained on."""
 
     type: str = field(default="auto", metadata={"choices": objective_types})
-    """`auto` (chosen from the data format) or a registered objective, e.g. `sft` (loss on assistant turns /
-    completions), `causal_lm` (every token), `classification`."""
+    """`auto` (chosen from the data format) or a registered objective: `sft` (loss on assistant turns /
+    completions), `causal_lm` (every token), `classification`, `regression` (a number per text),
+    `token_classification` (a tag per word). See [tasks.md](tasks.md)."""
     label_smoothing: float = 0.0
-    """Label smoothing for classification."""
+    """Label smoothing for classification (training loss only; evaluation reports the plain loss)."""
 
     def __post_init__(self) -> None:
         if self.type != "auto":  # the default needs no registry (and no torch import)
             names = objective_types()[1:]
             _require(self.type in names,
                      f"objective.type: must be auto or one of {', '.join(names)}; got {self.type!r}")
+        _require(0 <= self.label_smoothing < 1, "objective.label_smoothing: must be in [0, 1)")
 
 
 @dataclass
@@ -199,8 +210,21 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "training.batch_size: must be at least 1")
         _require(self.grad_accum >= 1, "training.grad_accum: must be at least 1")
-        _require(self.lr > 0, "training.lr: must be positive (typical: 2e-4 for LoRA, 2e-5 for full fine-tuning)")
-        _require(self.epochs > 0 or (self.max_steps or 0) > 0, "training.epochs or training.max_steps must be positive")
+        _require(0 < self.lr < math.inf, "training.lr: must be positive (typical: 2e-4 for LoRA, 2e-5 for full fine-tuning)")
+        _require(self.max_steps is None or self.max_steps >= 1, "training.max_steps: must be at least 1, or null "
+                                                                "(train for training.epochs)")
+        _require(0 < self.epochs < math.inf or self.max_steps is not None,
+                 "training.epochs or training.max_steps must be positive (and finite)")
+        for key in ("log_every", "eval_batch_size"):
+            _require(getattr(self, key) >= 1, f"training.{key}: must be at least 1")
+        for key in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "early_stopping_patience",
+                    "weight_decay", "linear_probe_epochs"):
+            _require(getattr(self, key) >= 0, f"training.{key}: must be >= 0")
+        for key in ("head_lr", "loraplus_ratio"):
+            value = getattr(self, key)
+            _require(value is None or 0 < value < math.inf, f"training.{key}: must be positive, or null for off")
+        _require(self.max_grad_norm is None or 0 <= self.max_grad_norm < math.inf,
+                 "training.max_grad_norm: must be >= 0 (0 or null: no clipping)")
         _require(0 <= self.warmup_ratio < 1, "training.warmup_ratio: must be in [0, 1)")
         _require(self.device.split(":")[0] in DEVICE_CHOICES,
                  f"training.device: must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
@@ -280,14 +304,16 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply 'section.key=value' strings (values parsed as YAML) to a raw config dict."""
+    """Apply command-line 'section.key=value' strings to a raw config dict (see `parse_override`)."""
+    return set_values(data, dict(parse_override(item) for item in overrides))
+
+
+def set_values(data: dict, values: dict[str, Any]) -> dict:
+    """A copy of the raw config dict with {'section.key': value} set: values are used as they are, never
+    re-parsed (code passes values; only the command line has a syntax)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. training.lr=2e-4")
-        path, raw = item.split("=", 1)
+    for path, value in values.items():
         keys = path.strip().split(".")
-        value = yaml.safe_load(raw) if raw.strip() else ""
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
@@ -295,6 +321,51 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node[k]
         node[keys[-1]] = value
     return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'section.key=value' -> ('section.key', value). A text field takes the value as written, so a path may
+    hold spaces, ' #' or ':' (wrap it in quotes to keep surrounding spaces); `null` clears an optional field;
+    numbers, booleans, and lists or mappings ([q_proj, v_proj], {a: 1}) are read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. training.lr=2e-4")
+    path, raw = item.split("=", 1)
+    path, text = path.strip(), raw.strip()
+    annotation = _field_annotation(path.split("."))
+    if _takes_text(annotation) and not text.startswith(("[", "{")):
+        if text in ("null", "~") and type(None) in typing.get_args(annotation):
+            return path, None
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return path, text[1:-1]
+        return path, text
+    try:
+        return path, yaml.safe_load(raw) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: cannot read {raw!r} ({getattr(e, 'problem', e)}); quote text values") from None
+
+
+def _field_annotation(keys: list[str]) -> Any:
+    """The annotated type of config field section.key (for the adapter: of any adapter kind), or None."""
+    if len(keys) != 2:
+        return None
+    section, key = keys
+    if section == "adapter":
+        from .adapters.config import KINDS
+        if key == "kind":
+            return str
+        return next((typing.get_type_hints(c)[key] for c in KINDS.values() if key in typing.get_type_hints(c)), None)
+    cls = typing.get_type_hints(RunConfig).get(section)
+    return typing.get_type_hints(cls).get(key) if dataclasses.is_dataclass(cls) else None
+
+
+def _takes_text(annotation: Any) -> bool:
+    """A str field, an optional one, a text-or-list one (targets), or a choice of words."""
+    if annotation is str:
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in args)
+    return str in args
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -6,9 +6,15 @@ from pathlib import Path
 import torch
 
 
-def load_generator(spec: str, device: str = "auto"):
-    """(model, tokenizer) from a run folder (adapter merged for speed) or a model spec, on `device`."""
+def load_generator(spec: str, device: str = "auto", template: str = "auto"):
+    """(model, tokenizer, template) from a run folder (adapter merged for speed) or a model spec, on `device`.
+
+    template: how prompts are written for the model. 'auto' is what the run trained on (run.json's data
+    format): 'raw' text for prompt/completion and text runs (the prompt exactly as `prompt` was in training),
+    'chat' (the chat template) for chat runs and plain model specs."""
     from .devices import resolve_device
+    if template not in ("auto", "chat", "raw"):
+        raise SystemExit(f"--template {template!r}: choose auto, chat or raw")
     if (Path(spec) / "config.yaml").exists():
         from .train.artifacts import load_run
         run = load_run(spec, merge=True)
@@ -16,26 +22,30 @@ def load_generator(spec: str, device: str = "auto"):
             raise SystemExit(f"{spec}: this run trained a {run.info.task} model, not a language model; "
                              "use `tunesmith eval` instead of generate/chat")
         model, tok = run.model, run.tokenizer
+        trained = "raw" if run.info.format in ("prompt_completion", "text") else "chat"
     else:
         from .models import load_model, load_tokenizer
-        model, tok = load_model(spec, "causal_lm").eval(), load_tokenizer(spec)
-    return model.to(resolve_device(device)), tok
+        model, tok, trained = load_model(spec, "causal_lm").eval(), load_tokenizer(spec), "chat"
+    return model.to(resolve_device(device)), tok, trained if template == "auto" else template
 
 
-def chat_prompt_ids(tok, messages: list[dict]) -> torch.Tensor:
-    if getattr(tok, "chat_template", None):
+def chat_prompt_ids(tok, messages: list[dict], template: str = "chat") -> torch.Tensor:
+    """Prompt ids: the chat template with the assistant's turn opened, or ('raw', or a tokenizer without a
+    template) the messages' text as a prompt/completion run saw its prompts."""
+    if template == "chat" and getattr(tok, "chat_template", None):
         out = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         return out["input_ids"]
     text = "\n".join(m["content"] for m in messages)
-    return tok(text, return_tensors="pt")["input_ids"]
+    return tok(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
 
 
 def generate(model, tok, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, stream: bool = False) -> str:
-    """Reply to `messages`; greedy when temperature is 0. With stream=True, tokens print as they come."""
+             top_p: float = 1.0, seed: int | None = None, stream: bool = False, template: str = "chat") -> str:
+    """Reply to `messages`; greedy when temperature is 0. With stream=True, tokens print as they come.
+    template: 'chat' or 'raw' (see chat_prompt_ids)."""
     from transformers import TextStreamer
     from .devices import model_device
-    ids = chat_prompt_ids(tok, messages).to(model_device(model))
+    ids = chat_prompt_ids(tok, messages, template).to(model_device(model))
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,

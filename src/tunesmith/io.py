@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once: umask() is process-wide, so reading it later would race with other threads
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -23,6 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600 files; a written file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -51,6 +61,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700 folders
         yield tmp
         _fsync_dir(tmp)
         if path.exists():
@@ -64,3 +75,28 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+RUN_MARKERS = ("config.yaml", "run.json")  # what makes a folder a tunesmith run
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    return any((Path(path) / m).exists() for m in RUN_MARKERS)
+
+
+def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, allow_run: bool = False) -> None:
+    """Refuse to write `what` into a folder that already holds something, unless `overwrite`; never replace a
+    run folder with something that is not a run (allow_run=False), even with `overwrite`."""
+    from .errors import TunesmithError
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TunesmithError(f"{path} is a file, not a folder; choose another path for the {what}")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if is_run_folder(path) and not allow_run:
+        raise TunesmithError(f"{path} holds a tunesmith run; writing the {what} there would destroy it. "
+                             "Choose another folder")
+    if not overwrite:
+        shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
+        raise TunesmithError(f"{path} is not empty ({shown}{', ...' if len(list(path.iterdir())) > 5 else ''}); "
+                             f"pass --overwrite to replace it with the {what}, or choose another folder")

@@ -30,7 +30,11 @@ class RunInfo:
 
     def make_objective(self):
         from .objectives import make_objective
-        return make_objective(self.objective, self.objective_params)
+        try:
+            return make_objective(self.objective, self.objective_params)
+        except (TypeError, ValueError) as e:
+            raise TunesmithError(f"run.json: objective_params {self.objective_params!r} do not fit objective "
+                                 f"{self.objective!r} ({e})") from None
 
     @property
     def num_outputs(self) -> int | None:
@@ -61,6 +65,9 @@ def read_run_info(run_dir: Path, cfg=None) -> RunInfo:
                        "image" if image else "text", labels,
                        {"num_classes": len(labels), "label_smoothing": cfg.objective.label_smoothing,
                         "modality": "image" if image else "text"}, model)
+    if cfg.objective.type not in ("auto", "sft", "causal_lm"):  # a new-head run that lost its run.json
+        raise TunesmithError(f"{run_dir}: run.json is missing, and a {cfg.objective.type} run cannot be loaded "
+                             "without it (it holds the classes / target scale); restore run.json")
     objective = cfg.objective.type if cfg.objective.type in ("sft", "causal_lm") else "sft"
     return RunInfo("causal_lm", objective, "chat", "text", None, {}, model)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from .train.artifacts import encode_eval_set, load_run, save_result
 from .train.evaluate import evaluate
 
 
-def _head_states(model, run_dir: Path, missing: str):
+def _head_states(model, run_dir: Path, missing: str, probe_hint: bool = True):
     """(theta_0 head, theta_1 head) state dicts, or (None, None) for models without a new head."""
     name = getattr(model, "head_name", None)
     if name is None:
@@ -31,9 +32,9 @@ def _head_states(model, run_dir: Path, missing: str):
         return load_file(str(probe)), head1
     if missing == "finetuned":
         return head1, head1
+    retrain = "Retrain with training.linear_probe_epochs=N (LP-FT), or pass" if probe_hint else "Pass"
     raise TunesmithError(f"{run_dir}: the fine-tune has a new head but no probe_head.safetensors, so theta_0 has no head. "
-                         "Retrain with training.linear_probe_epochs=N (LP-FT), or pass --missing finetuned to keep "
-                         "the fine-tuned head at every alpha")
+                         f"{retrain} --missing finetuned to keep the fine-tuned head at every alpha")
 
 
 def _state(model) -> dict:
@@ -54,7 +55,7 @@ class Interpolator:
             self.head0 = self.head1 = None
             self.theta0 = _state(load_run(base).model)
         else:
-            self.head0, self.head1 = _head_states(self.model, run_dir, missing)
+            self.head0, self.head1 = _head_states(self.model, run_dir, missing, self.info.objective == "classification")
             if not self.lora:
                 self.theta0 = self._original(base or self.cfg.model.name)
         if not self.lora:
@@ -82,9 +83,13 @@ class Interpolator:
 
 def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str], select: str = "mean",
               out: str | Path | None = None, save: str | Path | None = None, missing: str = "error",
-              batch_size: int = 64, base: str | None = None, log=print, device: str = "auto") -> dict:
+              batch_size: int = 64, base: str | None = None, log=print, device: str = "auto",
+              overwrite: bool = False) -> dict:
     from .devices import resolve_device
+    from .io import check_output_folder
     run_dir = Path(run_dir)
+    if save:  # checked before the sweep: a refusal costs nothing
+        check_output_folder(save, overwrite, "interpolated model", allow_run=(Path(save) / "interpolation.json").exists())
     if not eval_sets:
         raise TunesmithError("give at least one --eval NAME=DATA (e.g. --eval id=mnist:test --eval ood=digits:all)")
     interp = Interpolator(run_dir, missing, base)
@@ -117,16 +122,17 @@ def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str
 
 
 def choose_alpha(rows: list[dict], names: list[str], select: str) -> float:
-    """'mean' (best average score over sets), a set name (best on that set), or a number (that alpha)."""
+    """'mean' (best average score over sets), a set name (best on that set), or a number (that alpha).
+    Equal scores (accuracy ties are common) go to the lower loss."""
     try:
         return float(select)
     except ValueError:
         pass
-    if select == "mean":
-        return max(rows, key=lambda r: sum(r[f"{n}_score"] for n in names) / len(names))["alpha"]
-    if select not in names:
+    if select != "mean" and select not in names:
         raise TunesmithError(f"--select {select!r}: use 'mean', a number, or one of the eval names {names}")
-    return max(rows, key=lambda r: r[f"{select}_score"])["alpha"]
+    sets = names if select == "mean" else [select]
+    return max(rows, key=lambda r: (sum(r[f"{n}_score"] for n in sets) / len(sets),
+                                    -sum(r[f"{n}_loss"] for n in sets) / len(sets)))["alpha"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -152,7 +158,9 @@ def save_interpolated(interp: Interpolator, target: Path, alpha: float) -> Path:
                         _, B = layer.factors(n)
                         B.mul_(layer.scaling[n] / full)  # bake the scale into B; restore the nominal scaling
                     layer.scaling[n] = full
-    target.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # run_sweep checked it is empty, or an earlier --save result the user chose to replace
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
     atomic_write_text(target / "config.yaml", dump_config(interp.cfg))
     atomic_write_text(target / "interpolation.json", json.dumps({"alpha": alpha}))
     info = copy.copy(interp.info)

@@ -78,8 +78,8 @@ def prepare_data(data_cfg, tok, objective, seed: int = 0) -> PreparedData:
         train_recs, eval_recs = holdout_split(train_recs, data_cfg.eval_fraction, seed, notes)
     eval_recs = seeded_sample(eval_recs, data_cfg.max_eval_examples, seed, "eval", "max_eval_examples", notes)
     labels, index = None, None
-    if fmt in CLASSED:
-        labels = _classes(train_recs, fmt)
+    if fmt in CLASSED:  # the classes of the user's training file, also those only in a held-out share of it
+        labels = _classes(train_recs + (eval_recs if not data_cfg.eval else []), fmt)
         index = {v: i for i, v in enumerate(labels)}
         unseen = _unseen_classes(eval_recs, fmt, index, labels, "not seen in training")
         if unseen:

@@ -57,15 +57,24 @@ def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
     path = Path(path)
     if not path.exists():
         raise DataError([Problem(str(path), 0, "file", "not found")])
+    if path.is_dir():
+        raise DataError([Problem(str(path), 0, "file", "is a folder; give a JSONL or CSV file")])
     if path.suffix.lower() == ".csv":
-        return _read_csv(path)
+        records, problems = _read_csv(path)
+        if not records and not problems:
+            problems = [Problem(str(path), 1, "file", "has a header but no rows" if path.stat().st_size else "is empty")]
+        return records, problems
     records, problems = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
+    with path.open(encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not data
         for i, raw in enumerate(f, start=1):
-            if not raw.strip():
+            line = raw.rstrip("\r\n")
+            if not line.strip():
                 continue
+            if not records and not problems and line.lstrip().startswith("["):
+                return [], [Problem(str(path), i, "json", "this is a JSON array, not JSON Lines: write one object "
+                                                          "per line (e.g. jq -c '.[]' file.json > file.jsonl)")]
             try:
-                obj = json.loads(raw)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 problems.append(Problem(str(path), i, "json", f"invalid JSON at column {e.colno}: {e.msg}"))
                 continue
@@ -80,7 +89,7 @@ def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
 
 def _read_csv(path: Path) -> tuple[list[Record], list[Problem]]:
     """text,label -> classification records; text,value -> regression records (label wins if both are there)."""
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         target = "label" if "label" in fields or "value" not in fields else "value"
@@ -218,9 +227,22 @@ def _check_regression(rec: Record, out: list[Problem]) -> None:
         out.append(Problem(rec.source, rec.line, "value", "missing"))
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         out.append(Problem(rec.source, rec.line, "value", f"expected a number, got {value!r}"))
-    elif not math.isfinite(value):
+    elif not _finite(value):
         out.append(Problem(rec.source, rec.line, "value", f"must be a finite number, got {value!r}; "
                                                           "fix or remove the example"))
+    elif abs(value) > FLOAT32_MAX:
+        out.append(Problem(rec.source, rec.line, "value", f"{value:.3g} is beyond float32's range (±3.4e38), "
+                                                          "where training computes; rescale the targets"))
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON allows 10**400)
+        return False
 
 
 CHECKS = {

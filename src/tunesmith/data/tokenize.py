@@ -67,12 +67,32 @@ def encode_word_tags(tok, rec: Record, label_index: dict) -> tuple[list[int], li
                for j, t in enumerate(tags) if t not in label_index]
     if unknown:
         raise DataError(unknown)
+    _check_word_splitting(tok)
     enc = tok(words, is_split_into_words=True, add_special_tokens=True)
     tag_ids, previous = [], None
     for word in enc.word_ids():  # None for special tokens, else the index of the word the sub-token came from
         tag_ids.append(IGNORE if word is None or word == previous else label_index[tags[word]])
         previous = word
+    lost = sorted(set(range(len(words))) - {w for w in enc.word_ids() if w is not None})
+    if lost:  # e.g. a zero-width space or a lone combining mark: the word, and its tag, would vanish
+        raise DataError([Problem(rec.source, rec.line, f"tokens[{j}]", f"{words[j]!r} becomes no token at all in this "
+                                                                       "tokenizer (invisible or control characters); "
+                                                                       "remove it with its tag") for j in lost])
     return enc["input_ids"], tag_ids
+
+
+def _check_word_splitting(tok) -> None:
+    """Pre-split words must stay words: byte-level BPE tokenizers without add_prefix_space join them
+    ("John", "lives" -> "Johnlives"), which no pretrained model has seen."""
+    if getattr(tok, "_tunesmith_words_ok", False):
+        return
+    ids = tok(["word", "word"], is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    if " " not in tok.decode(ids).strip():
+        raise DataError([Problem("tokenizer", 0, "tokens", f"{type(tok).__name__} joins pre-split words without "
+                                                           "spaces (byte-level BPE without add_prefix_space); "
+                                                           "token classification needs an encoder tokenizer such "
+                                                           "as all-minilm-l6-v2's (WordPiece) or a SentencePiece one")])
+    tok._tunesmith_words_ok = True
 
 
 def encode_record(tok, rec: Record, fmt: str, label_index: dict | None) -> dict:

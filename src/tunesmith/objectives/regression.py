@@ -53,11 +53,14 @@ class Regression(Objective):
         pred, gold = torch.tensor(collected["pred"], dtype=torch.float64), torch.tensor(collected["gold"], dtype=torch.float64)
         err = pred - gold
         spread = ((gold - gold.mean()) ** 2).sum()
-        r = torch.corrcoef(torch.stack([pred, gold]))[0, 1] if len(gold) > 1 else torch.tensor(float("nan"))
-        return {"eval_loss": loss_sum / max(count, 1), "eval_rmse": float(err.pow(2).mean().sqrt()),
-                "eval_mae": float(err.abs().mean()),
-                "eval_r2": float(1 - err.pow(2).sum() / spread) if spread > 0 else float("nan"),
-                "eval_pearson": float(r)}
+        r = torch.corrcoef(torch.stack([pred, gold]))[0, 1] if len(gold) > 1 else torch.tensor(0.0)
+        out = {"eval_loss": loss_sum / max(count, 1), "eval_rmse": float(err.pow(2).mean().sqrt()),
+               "eval_mae": float(err.abs().mean())}
+        if spread > 0:  # R² and r are undefined when every target is the same: left out, not NaN
+            out["eval_r2"] = float(1 - err.pow(2).sum() / spread)
+        if spread > 0 and pred.std() > 0:
+            out["eval_pearson"] = float(r)
+        return out
 
 
 OBJECTIVE = Regression

@@ -43,7 +43,7 @@ def job_defaults(extra: dict | None) -> dict:
 def check_job_config(path: str | Path) -> str:
     """Validate a --job-config YAML up front (unknown keys, bad values, fields the job controls); returns its text."""
     import yaml
-    from ..config import ConfigError, apply_overrides, config_from_dict
+    from ..config import ConfigError, config_from_dict, set_values
     text = Path(path).read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text) or {}
@@ -54,7 +54,7 @@ def check_job_config(path: str | Path) -> str:
             if taken:
                 raise ConfigError(f"{section}.{taken[0]}: set by each job (its file, model and hyperparameters), "
                                   "not by the server; remove it")
-        cfg = config_from_dict(apply_overrides(job_defaults(data), ["data.train=check.jsonl"]))
+        cfg = config_from_dict(set_values(job_defaults(data), {"data.train": "check.jsonl"}))
         if cfg.adapter is None:
             raise ConfigError("adapter: the service serves fine-tuned models as adapters on a shared base model; "
                               "full fine-tuning is `tunesmith train`'s job")
@@ -105,7 +105,7 @@ def result_csv(metrics_path: Path) -> bytes:
 
 def run(job_id: str, data_dir: str) -> int:
     import yaml
-    from ..config import apply_overrides, config_from_dict
+    from ..config import config_from_dict, set_values
     from ..train import StepEvent, train
     store = Store(data_dir)
     job, row = store.get_job(job_id), store.job_row(job_id)
@@ -131,12 +131,12 @@ def run(job_id: str, data_dir: str) -> int:
     base_spec = json.loads((store.dir / "bases.json").read_text()).get(job["model"], job["model"])
     server = store.dir / JOB_CONFIG
     defaults = job_defaults(yaml.safe_load(server.read_text()) if server.exists() else None)
-    overrides = [f"model.name={base_spec}", f"data.train={store.file_path(job['training_file'])}",
-                 f"data.eval={store.file_path(job['validation_file'])}" if job.get("validation_file") else "data.eval=null",
-                 f"training.epochs={hp['n_epochs']}", f"training.batch_size={hp['batch_size']}",
-                 f"training.lr={float(defaults['training']['lr']) * float(hp['learning_rate_multiplier'])}",
-                 f"training.seed={job['seed']}", f"output.dir={run_dir}", "output.progress=false"]
-    cfg = config_from_dict(apply_overrides(defaults, overrides))
+    values = {"model.name": base_spec, "data.train": str(store.file_path(job["training_file"])),
+              "data.eval": str(store.file_path(job["validation_file"])) if job.get("validation_file") else None,
+              "training.epochs": hp["n_epochs"], "training.batch_size": hp["batch_size"],
+              "training.lr": float(defaults["training"]["lr"]) * float(hp["learning_rate_multiplier"]),
+              "training.seed": job["seed"], "output.dir": str(run_dir), "output.progress": False}
+    cfg = config_from_dict(set_values(defaults, values))  # values, never strings to re-parse
     if resume and (run_dir / "config.yaml").exists():  # the settings it started with, even if the server's changed
         from ..config import load_config
         cfg = load_config(run_dir / "config.yaml")

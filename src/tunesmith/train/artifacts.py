@@ -36,7 +36,7 @@ def save_result(run_dir: Path, model: nn.Module, tokenizer, cfg: RunConfig, info
             weights = {k: v.detach().cpu().contiguous() for k, v in model.get_submodule(head).state_dict().items()}
             save_file(weights, str(tmp / "head.safetensors"), metadata={"base_model": cfg.model.name, "head": head})
         return run_dir / HEAD_ONLY, "head"
-    return write_model_folder(run_dir / "model", model, tokenizer, info.labels), "model"
+    return write_model_folder(run_dir / "model", model, tokenizer, info.labels, info.objective_params), "model"
 
 
 def trained_head_only(model: nn.Module, batchnorm: str = "auto") -> str | None:
@@ -48,15 +48,21 @@ def trained_head_only(model: nn.Module, batchnorm: str = "auto") -> str | None:
     return head if all(n.startswith(head + ".") for n in trainable) else None
 
 
-def write_model_folder(target: Path, model: nn.Module, tokenizer, labels: list | None) -> Path:
-    """A plain model folder, replaced atomically: transformers weights (+ head.safetensors and labels.json for
-    a backbone with a new head), or a tunesmith vision model's weights and architecture."""
+def write_model_folder(target: Path, model: nn.Module, tokenizer, labels: list | None,
+                       objective_params: dict | None = None) -> Path:
+    """A plain model folder, replaced atomically: transformers weights (+ head.safetensors, head.json and
+    labels.json for a backbone with a new head), or a tunesmith vision model's weights and architecture."""
     with atomic_directory(target) as tmp:
         if labels is not None:
             atomic_write_text(tmp / "labels.json", json.dumps(labels))
         if isinstance(model, TaskModel):  # a transformers backbone + the head tunesmith added
             model.backbone.save_pretrained(tmp)
             save_file({k: v.cpu().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
+            head = {"task": model.task, "pooling": model.pooling, "outputs": model.head.out_features,
+                    "labels": labels, **(objective_params or {})}
+            if model.task == "regression":
+                head["predict"] = "value = output * target_std + target_mean (the head predicts standardised targets)"
+            atomic_write_text(tmp / "head.json", json.dumps(head, indent=1))
         elif hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp)
         else:  # a tunesmith vision model: weights + architecture
@@ -95,6 +101,17 @@ def load_run(run_dir: str | Path, merge: bool = False) -> LoadedRun:
         raise TunesmithError(f"{run_dir}: not a tunesmith run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     info = read_run_info(run_dir, cfg)
+    try:
+        return _load(run_dir, cfg, info, merge)
+    except TunesmithError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a folder that does not fit its own description
+        raise TunesmithError(f"{run_dir}: cannot load the run as {info.task} ({type(e).__name__}: {e}); "
+                             + ("its run.json is missing, so the task was guessed from config.yaml: restore run.json"
+                                if not (run_dir / "run.json").exists() else "is the folder complete?")) from None
+
+
+def _load(run_dir: Path, cfg: RunConfig, info: RunInfo, merge: bool) -> LoadedRun:
     spec = info.model or model_spec(cfg)
     tok = None if info.modality == "image" else load_tokenizer(spec["name"])
 
@@ -102,16 +119,18 @@ def load_run(run_dir: str | Path, merge: bool = False) -> LoadedRun:
         return load_model(name, info.task, num_labels=info.num_outputs, pooling=spec["pooling"],
                           head_dropout=spec["head_dropout"], dtype=spec["dtype"])
 
-    if (run_dir / "adapter").exists():
+    kinds = [k for k in ("adapter", HEAD_ONLY, "model") if (run_dir / k).exists()]
+    kind = info.artifact if info.artifact in kinds else (kinds[0] if kinds else None)  # run.json says which is current
+    if kind == "adapter":
         model = load(spec["name"])
         load_adapter(model, run_dir / "adapter")
         if merge:
             from ..adapters import merge_and_unload
             model = merge_and_unload(model)
-    elif (run_dir / HEAD_ONLY).exists():  # the pretrained model, with the trained head put on
+    elif kind == HEAD_ONLY:  # the pretrained model, with the trained head put on
         model = load(spec["name"])
         model.get_submodule(model.head_name).load_state_dict(load_file(str(run_dir / HEAD_ONLY / "head.safetensors")))
-    elif (run_dir / "model").exists():
+    elif kind == "model":
         model = load(str(run_dir / "model"))
         if (run_dir / "model" / "head.safetensors").exists():
             model.head.load_state_dict(load_file(str(run_dir / "model" / "head.safetensors")))

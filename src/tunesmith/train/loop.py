@@ -8,6 +8,7 @@ business (tunesmith.objectives): the loop never looks at the task.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,14 +19,20 @@ import torch
 from ..config import RunConfig
 from ..data.batching import batches_for_epoch, collate
 from ..devices import to_device
+from ..errors import TunesmithError
 from ..freeze import set_train_mode
 from ..io import atomic_write_text
 from .artifacts import save_result
 from .checkpoint import capture_rng, prune_checkpoints, save_checkpoint
+from .interrupts import interrupts_deferred
 from .evaluate import evaluate
 from .metrics import plot_losses
 from .probe import run_linear_probe
 from .run import Run, StepEvent, StepMetrics, Summary, Window, setup
+
+
+class TrainingDiverged(TunesmithError):
+    """The loss became NaN or infinite."""
 
 
 def micro_batch(run: Run, micro: int) -> dict[str, torch.Tensor]:
@@ -41,7 +48,10 @@ def micro_batch(run: Run, micro: int) -> dict[str, torch.Tensor]:
 
 
 def train_step(run: Run) -> StepMetrics:
-    """One optimizer step over `grad_accum` micro-batches; advances run.state."""
+    """One optimizer step over `grad_accum` micro-batches; advances run.state and logs the metrics window.
+
+    An interrupt while gradients accumulate discards them (the step is redone on resume); once the optimizer
+    steps, applying, counting and logging the step finish first (interrupts_deferred)."""
     t, obj, start = run.cfg.training, run.objective, time.perf_counter()
     group = [micro_batch(run, run.state.step * t.grad_accum + k) for k in range(t.grad_accum)]
     n_total = sum(obj.count(b) for b in group)
@@ -56,16 +66,27 @@ def train_step(run: Run) -> StepMetrics:
         correct = None if c is None or correct is None else correct + c
         del out
         units += obj.units(b)
+    if not math.isfinite(loss_total):  # before the optimizer step: the weights stay as the last good step left them
+        raise TrainingDiverged(f"the loss is {loss_total} at step {run.state.step + 1}: training diverged. Lower "
+                               f"training.lr (now {t.lr:g}), keep training.max_grad_norm on, or check the data; "
+                               f"the last checkpoint in {run.run_dir / 'checkpoints'} is intact")
     if t.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], t.max_grad_norm)
-    run.opt.step()
-    run.sched.step()
-    run.opt.zero_grad(set_to_none=True)
-    run.state.step += 1
-    run.state.trained_tokens += units
-    seconds = time.perf_counter() - start
-    run.train_seconds += seconds
-    return StepMetrics(run.state.step, loss_total, n_total, correct, units, seconds)
+    with interrupts_deferred():
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+        s = run.state
+        s.step += 1
+        s.trained_tokens += units
+        seconds = time.perf_counter() - start
+        run.train_seconds += seconds
+        m = StepMetrics(s.step, loss_total, n_total, correct, units, seconds)
+        if s.first_loss is None:
+            s.first_loss = m.loss
+        log_window(run, m)
+        run.rng = capture_rng()  # the state the next step starts from: what an interrupt from here on saves
+    return m
 
 
 def evaluate_now(run: Run, step: int) -> dict[str, float]:
@@ -75,25 +96,25 @@ def evaluate_now(run: Run, step: int) -> dict[str, float]:
     set_train_mode(run.model, run.cfg.freeze.batchnorm)
     if result:
         run.metrics.write(event="eval", step=step, **result)
-    run.last_eval, run.last_eval_step = result, step
+    run.last_eval, run.state.last_eval_step = result, step
     return result
 
 
-def log_window(run: Run, m: StepMetrics, bar) -> None:
-    """Add the step to the metrics window; every log_every steps write its averages."""
-    t = run.cfg.training
-    run.window.add(m)
+def log_window(run: Run, m: StepMetrics) -> None:
+    """Add the step to the metrics window; every log_every steps write its averages to metrics.jsonl."""
+    t, w = run.cfg.training, run.state.window
+    w.add(m)
     if m.step % t.log_every and m.step != run.total_steps:
         return
-    w, unit = run.window, f"{run.objective.unit}_per_s"
+    unit = f"{run.objective.unit}_per_s"
     rec = {"loss": w.loss_sum / max(w.count, 1)}
     if w.correct is not None:
         rec["accuracy"] = w.correct / max(w.count, 1)
-    rec.update({"lr": run.sched.get_last_lr()[0], unit: w.units / max(time.perf_counter() - w.start, 1e-9),
+    rec.update({"lr": run.sched.get_last_lr()[0], unit: w.units / max(time.perf_counter() - run.window_start, 1e-9),
                 "epoch": round(m.step * t.grad_accum / run.batches_per_epoch, 3)})
     run.metrics.write(event="train", step=m.step, **rec)
-    bar.set_postfix({"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", unit: f"{rec[unit]:.0f}"})
-    run.window = Window()
+    run.last_record = rec
+    run.state.window, run.window_start = Window(), time.perf_counter()
 
 
 def eval_due(run: Run, step: int) -> bool:
@@ -134,25 +155,28 @@ def start(run: Run) -> dict[str, float]:
             probed = evaluate_now(run, 0)
             run.metrics.write(event="probe", step=0, **probed)
             run.log("after linear probing: " + _fmt(probed))
+    s = run.state
+    if not fresh and eval_due(run, s.step) and s.last_eval_step != s.step:  # interrupted before it: do it now
+        update_early_stop(run, evaluate_now(run, s.step))
     before = {}
     if t.eval_at_start and run.data.eval and fresh:
         before = evaluate_now(run, 0)
         run.log("before training: " + _fmt(before))
     set_train_mode(run.model, run.cfg.freeze.batchnorm)
-    run.window = Window()  # throughput counts training time from here
+    run.window_start = time.perf_counter()  # throughput counts training time from here
     return before
 
 
 def finish(run: Run, before: dict[str, float]) -> Summary:
     """Final evaluation (unless this step had one), the artifact, run.json, loss.png and summary.json."""
-    if run.data.eval and run.last_eval_step != run.state.step:
+    if run.data.eval and run.state.last_eval_step != run.state.step:
         evaluate_now(run, run.state.step)
     saved, run.info.artifact = save_result(run.run_dir, run.model, run.tokenizer, run.cfg, run.info)
     run.info.write(run.run_dir)
     records = run.metrics.read()
     plot = plot_losses(records, run.run_dir / "loss.png", f"{run.cfg.model.name}: {run.objective.name}")
     losses = [r["loss"] for r in records if r.get("event") == "train"]
-    summary = Summary(run.state.step, run.total_steps, run.stopped_early, losses[0] if losses else None,
+    summary = Summary(run.state.step, run.total_steps, run.stopped_early, run.state.first_loss,
                       losses[-1] if losses else None, run.last_eval, before, run.params.trainable, run.params.total,
                       time.perf_counter() - run.started, run.train_seconds, run.state.trained_tokens,
                       run.state.step * run.cfg.training.grad_accum / run.batches_per_epoch, str(saved),
@@ -162,45 +186,53 @@ def finish(run: Run, before: dict[str, float]) -> Summary:
 
 
 def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[StepEvent], None] | None = None,
-          log: Callable = print) -> dict:
+          log: Callable = print, overwrite: bool = False) -> dict:
     """Run a fine-tune described by `cfg`; returns summary.json's content (losses, eval metrics, paths, time).
-    `on_step(event)` is called after every optimizer step with a StepEvent."""
-    run = setup(cfg, resume, log)
+    `on_step(event)` is called after every optimizer step with a StepEvent. `resume` continues the run in
+    output.dir from its latest checkpoint; `overwrite` replaces a previous run there."""
+    run = setup(cfg, resume, log, overwrite)
     before = start(run)
+    t = cfg.training
     bar = _progress(run.total_steps, run.state.step, cfg.output.progress)
-    rng, t = capture_rng(), cfg.training
+    say = bar.write if cfg.output.progress else log
     try:
         while run.state.step < run.total_steps:
-            rng = capture_rng()  # the state a resumed run must start this step from
+            run.rng = capture_rng()  # the state a resumed run must start this step from
             m = train_step(run)
-            rng = capture_rng()  # the step is done: an interrupt from here on resumes at the next one
             bar.update(1)
-            log_window(run, m, bar)
+            if m.step % t.log_every == 0 or m.step == run.total_steps:
+                bar.set_postfix(_postfix(run.last_record))
             evaluated = None
             if eval_due(run, m.step):
                 evaluated = evaluate_now(run, m.step)
-                bar.write(f"step {m.step}: " + _fmt(evaluated))
+                say(f"step {m.step}: " + _fmt(evaluated))
                 update_early_stop(run, evaluated)
             saved = checkpoint(run) if t.save_every and m.step % t.save_every == 0 and m.step < run.total_steps else None
             if on_step is not None:
                 on_step(StepEvent(m.step, run.total_steps, m.loss, m.accuracy, saved, evaluated, run.model))
             if run.stopped_early:
-                bar.write(f"early stopping: eval loss has not improved for {t.early_stopping_patience} evaluations")
+                say(f"early stopping: eval loss has not improved for {t.early_stopping_patience} evaluations")
                 break
+        bar.close()
+        return finish(run, before).as_dict()  # inside the try: Ctrl-C in the final evaluation or save loses nothing
     except KeyboardInterrupt:
         bar.close()
         run.opt.zero_grad(set_to_none=True)  # a half-accumulated step is discarded and redone on resume
-        checkpoint(run, rng)
+        checkpoint(run, run.rng)
         plot_losses(run.metrics.read(), run.run_dir / "loss.png", f"{cfg.model.name} (interrupted)")
         log(f"\ninterrupted at step {run.state.step}: checkpoint saved; continue with --resume")
         raise
-    bar.close()
-    return finish(run, before).as_dict()
 
 
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _postfix(rec: dict) -> dict[str, str]:
+    """The progress bar's view of a metrics line: loss, learning rate, throughput."""
+    return {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}",
+            **{k: f"{v:.0f}" for k, v in rec.items() if k.endswith("_per_s")}}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -43,7 +43,8 @@ def plot_losses(records: list[dict], out: Path, title: str = "") -> Path | None:
         for label, rows, key in series:
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
-                ax.plot(*zip(*points), "o-" if rows is evals else "-", label=label, lw=1.5)
+                few = len(points) < 20  # markers, so a run with one logged point still shows it
+                ax.plot(*zip(*points), "o-" if rows is evals or few else "-", label=label, lw=1.5)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

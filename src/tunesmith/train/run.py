@@ -6,6 +6,7 @@ the loop then only asks the objective and advances `Run.state`, which checkpoint
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..data import PreparedData
 from ..devices import autocast, resolve_device
 from ..errors import ConfigError
 from ..freeze import ParamSummary, trainable_summary
-from ..io import atomic_write_text
+from ..io import atomic_write_text, is_run_folder
 from ..objectives import Objective
 from ..runinfo import RunInfo
 from .checkpoint import latest_checkpoint, load_checkpoint
@@ -29,16 +30,36 @@ from .setup import build
 
 
 @dataclass
+class Window:
+    """What the next metrics line averages over (kept in checkpoints, so a resumed run logs the same lines)."""
+    loss_sum: float = 0.0
+    count: int = 0
+    correct: int | None = 0
+    units: int = 0
+
+    def add(self, m: "StepMetrics") -> None:
+        self.loss_sum += m.loss_sum
+        self.count += m.count
+        self.units += m.units
+        self.correct = None if m.correct is None or self.correct is None else self.correct + m.correct
+
+
+@dataclass
 class TrainState:
-    """What a checkpoint stores besides tensors: where the run is, and the early-stopping record."""
+    """What a checkpoint stores besides tensors: where the run is, the open metrics window, early stopping."""
     step: int = 0
     best_eval: float | None = None
     bad_evals: int = 0
     trained_tokens: int = 0  # throughput units trained so far (real tokens, or images)
+    first_loss: float | None = None  # the first step's loss (summary.json)
+    last_eval_step: int = -1  # the step of the latest evaluation: an interrupt may land before a due one
+    window: Window = field(default_factory=Window)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        known["window"] = Window(**known.get("window", {}))
+        return cls(**known)
 
 
 @dataclass
@@ -71,22 +92,6 @@ class StepEvent:
     checkpoint: Path | None  # the checkpoint folder written at this step, if any
     eval: dict[str, float] | None  # metrics of an evaluation run at this step, if any
     model: nn.Module
-
-
-@dataclass
-class Window:
-    """What the next metrics line averages over."""
-    loss_sum: float = 0.0
-    count: int = 0
-    correct: int | None = 0
-    units: int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, m: StepMetrics) -> None:
-        self.loss_sum += m.loss_sum
-        self.count += m.count
-        self.units += m.units
-        self.correct = None if m.correct is None or self.correct is None else self.correct + m.correct
 
 
 @dataclass
@@ -138,9 +143,10 @@ class Run:
     resumed_from: Path | None = None
     started: float = field(default_factory=time.perf_counter)
     train_seconds: float = 0.0
-    window: Window = field(default_factory=Window)
+    window_start: float = field(default_factory=time.perf_counter)  # throughput of the open metrics window
+    rng: dict | None = None  # the RNG state at the start of step `state.step`: what an interrupt checkpoints
+    last_record: dict = field(default_factory=dict)  # the last metrics line written
     last_eval: dict = field(default_factory=dict)
-    last_eval_step: int = -1
     stopped_early: bool = False
     orders: dict = field(default_factory=dict)  # epoch -> batches of example indices (one epoch cached)
 
@@ -156,26 +162,71 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(dump_config(cfg))
     for section in ("model", "adapter", "data", "objective", "freeze"):
         if old.get(section) != new.get(section):
-            raise ConfigError(f"--resume: section '{section}' differs from the run's saved {saved}; "
-                              "resume with the same config (or start a new output.dir)")
+            before, now = old.get(section) or {}, new.get(section) or {}
+            keys = sorted(k for k in {*before, *now} if before.get(k) != now.get(k)) if isinstance(before, dict) \
+                and isinstance(now, dict) else []
+            changes = "; ".join(f"{section}.{k}: {before.get(k)!r} in the run, {now.get(k)!r} now" for k in keys[:3])
+            raise ConfigError(f"--resume: section '{section}' differs from the run's saved {saved} "
+                              f"({changes or 'changed'}); resume with the same config: "
+                              f"`tunesmith train {run_dir} --resume` uses the saved one")
 
 
-def setup(cfg: RunConfig, resume: bool = False, log: Callable = print) -> Run:
+def _check_resume_data(run_dir: Path, info: RunInfo) -> None:
+    """The data read now must give the run the same classes and target scale it trained with: a training file
+    edited in place would silently re-map the head's outputs."""
+    from ..runinfo import RUN_JSON, read_run_info
+    if not (run_dir / RUN_JSON).exists():
+        return
+    saved = read_run_info(run_dir)
+    for name, was, now in (("objective", saved.objective, info.objective), ("labels", saved.labels, info.labels),
+                           ("objective_params", saved.objective_params, info.objective_params)):
+        if was != now:
+            raise ConfigError(f"--resume: the data now gives {name} {now!r}, but the run trained with {was!r} "
+                              f"({run_dir / RUN_JSON}); was the training file changed? Restore it, or start a "
+                              "new run")
+
+
+def prepare_run_folder(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool, log: Callable) -> Path | None:
+    """Nothing is overwritten by accident: a folder that holds anything is continued (--resume), replaced
+    (--overwrite, only if it is a run) or refused. Returns the checkpoint to resume from."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output.dir and --overwrite replaces it: pass one of them")
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if resume:
+        _check_resume_config(run_dir, cfg)
+        if (run_dir / "summary.json").exists():
+            raise ConfigError(f"{run_dir}: the run has finished, there is nothing to resume; pass --overwrite to "
+                              "train it again from the start, or choose another output.dir")
+        if checkpoint is None:
+            log(f"no checkpoint in {run_dir}/checkpoints; starting from the beginning")
+        return checkpoint
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            what = "checkpoints" if checkpoint else ("a finished run" if (run_dir / "summary.json").exists()
+                                                     else "files" if not is_run_folder(run_dir) else "a run")
+            raise ConfigError(f"{run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace "
+                              "it, or choose another output.dir")
+        if not is_run_folder(run_dir):
+            raise ConfigError(f"{run_dir} is not a tunesmith run folder (no config.yaml), so --overwrite will not "
+                              "delete it; choose another output.dir")
+        shutil.rmtree(run_dir)
+        log(f"--overwrite: removed the previous run in {run_dir}")
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output.dir {run_dir} is a file; choose a folder")
+    return None
+
+
+def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False) -> Run:
     """Check the run folder, build model + data + objective, restore the latest checkpoint when resuming."""
     started = time.perf_counter()
     run_dir, t = Path(cfg.output.dir), cfg.training
-    checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if checkpoint is not None and not resume:
-        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose another output.dir")
-    if resume:
-        _check_resume_config(run_dir, cfg)
-        if checkpoint is None:
-            log(f"no checkpoint in {run_dir}/checkpoints; starting from the beginning")
+    checkpoint = prepare_run_folder(run_dir, cfg, resume, overwrite, log)
+    device = resolve_device(t.device)
+    built = build(cfg)  # a config, data or model error leaves no run folder behind to block a retry
+    if checkpoint is not None:
+        _check_resume_data(run_dir, built.info)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-
-    device = resolve_device(t.device)
-    built = build(cfg)
     built.info.write(run_dir)
     model = built.model.to(device)
     for note in built.data.notes:

@@ -1,0 +1,298 @@
+"""Nothing lost, nothing silently wrong at the command line (issue 11, items 6-12): every command that
+writes refuses to replace what is there unless asked; values are taken as written; generation uses the
+prompt format the run trained on; the small things (JSON columns, flags anywhere, file modes, shapes)."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from conftest import chat_rows, class_rows, write_jsonl
+from tunesmith.cli import main
+from tunesmith.config import load_config
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.train import train
+
+QUIET = {"log": lambda *_: None}
+
+
+def cls_config(encoder_dir, data, out, *extra):
+    return load_config(None, [f"model.name={encoder_dir}", f"data.train={data}", "data.eval_fraction=0",
+                              "training.max_steps=2", f"output.dir={out}", "output.progress=false", *extra])
+
+
+def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, encoder_dir):
+    """Item 6: runs shorter than save_every have no checkpoint, and the old guard only looked for those."""
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(20))
+    run = tmp_path / "run"
+    train(cls_config(encoder_dir, data, run), **QUIET)
+    before = (run / "summary.json").read_text()
+    with pytest.raises(ConfigError, match="already holds a finished run; pass --resume .* --overwrite"):
+        train(cls_config(encoder_dir, data, run, "training.lr=1e-3"), **QUIET)
+    assert (run / "summary.json").read_text() == before
+    with pytest.raises(ConfigError, match="the run has finished, there is nothing to resume"):
+        train(cls_config(encoder_dir, data, run), resume=True, **QUIET)
+    (run / "interpolation").mkdir()  # a stale extra from the old run goes with it
+    train(cls_config(encoder_dir, data, run, "training.max_steps=3"), overwrite=True, **QUIET)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3 and not (run / "interpolation").exists()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="already holds files"):
+        train(cls_config(encoder_dir, data, other), **QUIET)
+    with pytest.raises(ConfigError, match="not a tunesmith run folder .* --overwrite will not delete it"):
+        train(cls_config(encoder_dir, data, other), overwrite=True, **QUIET)
+    assert (other / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_failed_setup_leaves_nothing_that_blocks_a_retry(tmp_path, encoder_dir):
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(20))
+    with pytest.raises(ConfigError):
+        train(cls_config(encoder_dir, data, tmp_path / "run", "objective.type=sft"), **QUIET)
+    train(cls_config(encoder_dir, data, tmp_path / "run"), **QUIET)  # the fixed config just runs
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_merge_and_interpolate_refuse_to_replace_folders(tmp_path, encoder_dir, capsys):
+    """Item 7: `merge --out RUN` used to delete the run."""
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(20))
+    run, other = tmp_path / "run", tmp_path / "other"
+    train(cls_config(encoder_dir, data, run, "adapter.kind=lora", "adapter.targets=[query,value]"), **QUIET)
+    train(cls_config(encoder_dir, data, other), **QUIET)
+    assert main(["merge", str(run), "--out", str(other)]) == 2
+    assert main(["merge", str(run), "--out", str(other), "--overwrite"]) == 2
+    assert "holds a tunesmith run" in capsys.readouterr().err and (other / "summary.json").exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    assert main(["merge", str(run), "--out", str(full)]) == 2
+    assert "is not empty (keep.txt); pass --overwrite" in capsys.readouterr().err
+    assert main(["merge", str(run), "--out", str(full), "--overwrite"]) == 0
+    assert (full / "head.safetensors").exists() and not (full / "keep.txt").exists()
+    args = ["interpolate", "--finetuned", str(other), "--alphas", "0,1", "--eval", f"d={data}", "--missing", "finetuned"]
+    assert main([*args, "--save", str(run)]) == 2 and (run / "adapter").exists()
+    assert main([*args, "--save", str(tmp_path / "half")]) == 0
+    assert main([*args, "--save", str(tmp_path / "half")]) == 2  # a second time: asked before replacing
+    assert main([*args, "--save", str(tmp_path / "half"), "--overwrite"]) == 0
+
+
+def test_override_values_are_taken_as_written(tmp_path, encoder_dir):
+    """Items 8-9: a ' #' in a path was read as a YAML comment; adapter values skipped the coercion."""
+    folder = tmp_path / "my set #2"
+    folder.mkdir()
+    data = write_jsonl(folder / "x: y.jsonl", class_rows(20))
+    cfg = load_config(None, [f"model.name={encoder_dir}", f"data.train={data}", "adapter.kind=lora",
+                             "adapter.dropout=5e-2", "adapter.alpha=1e1", "adapter.r=16", "adapter.targets=[query, value]",
+                             "training.lr=1e-4", "data.eval=null", "training.device=cpu", f"output.dir={folder / 'run'}"])
+    assert cfg.data.train == data and cfg.output.dir == str(folder / "run")
+    assert (cfg.adapter.dropout, cfg.adapter.alpha, cfg.adapter.r) == (0.05, 10.0, 16)
+    assert cfg.adapter.targets == ["query", "value"] and cfg.data.eval is None
+    assert load_config(None, ['data.train=" padded.jsonl "']).data.train == " padded.jsonl "
+    with pytest.raises(ConfigError, match="adapter.dropout: expected a number"):
+        load_config(None, ["data.train=x.jsonl", "adapter.kind=lora", "adapter.dropout=lots"])
+
+
+def test_service_jobs_pass_values_not_strings(tmp_path):
+    """Item 9: the service built `data.train={path}` strings, so a data folder with ' #' broke every job."""
+    from tunesmith.config import config_from_dict, set_values
+    weird = str(tmp_path / "data #1" / "files" / "file-abc.jsonl")
+    cfg = config_from_dict(set_values({"training": {"lr": 2e-4}}, {"data.train": weird, "data.eval": None,
+                                                                    "output.dir": str(tmp_path / "a: b #c")}))
+    assert cfg.data.train == weird and cfg.output.dir == str(tmp_path / "a: b #c") and cfg.data.eval is None
+
+
+def test_generate_uses_the_prompt_format_the_run_trained_on(tmp_path, lm_dir):
+    """Item 11: a prompt/completion run saw raw `prompt + completion` text, never the chat template."""
+    from tunesmith.generate import chat_prompt_ids, load_generator
+    rows = [{"prompt": f"Q{i}: 2+2=", "completion": " 4"} for i in range(12)]
+    data = write_jsonl(tmp_path / "pc.jsonl", rows)
+    cfg = load_config(None, [f"model.name={lm_dir}", f"data.train={data}", "data.eval_fraction=0", "training.max_steps=1",
+                             f"output.dir={tmp_path / 'pc'}", "output.progress=false"])
+    train(cfg, **QUIET)
+    model, tok, template = load_generator(str(tmp_path / "pc"), "cpu")
+    assert template == "raw"
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": "Q1: 2+2="}], template)[0].tolist()
+    assert ids == tok("Q1: 2+2=", add_special_tokens=True)["input_ids"]  # exactly the training prompt's ids
+    assert load_generator(str(tmp_path / "pc"), "cpu", "chat")[2] == "chat"
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
+    cfg = load_config(None, [f"model.name={lm_dir}", f"data.train={chat}", "data.eval_fraction=0", "training.max_steps=1",
+                             f"output.dir={tmp_path / 'chat'}", "output.progress=false"])
+    train(cfg, **QUIET)
+    assert load_generator(str(tmp_path / "chat"), "cpu")[2] == "chat"
+
+
+def test_json_problems_name_the_right_column_and_arrays_get_one_hint(tmp_path):
+    """Item 12: the column counted the line's newline; a JSON array gave an error per line."""
+    from tunesmith.data import DataError, read_records
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 1\n')
+    _, problems = read_records(bad)
+    assert str(problems[0]) == f"{bad}:2: json: invalid JSON at column 25: Expecting ',' delimiter"
+    array = tmp_path / "data.json"
+    array.write_text(json.dumps([{"text": f"t{i}", "label": i % 2} for i in range(300)], indent=2))
+    _, problems = read_records(array)
+    assert len(problems) == 1 and "this is a JSON array, not JSON Lines" in problems[0].message
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "a", "label": "x"}\n')
+    assert read_records(bom)[0][0].data == {"text": "a", "label": "x"}
+    with pytest.raises(DataError, match="is a folder"):
+        read_records(tmp_path)
+
+
+def test_flags_between_overrides_and_resume_by_run_folder(tmp_path, lm_dir):
+    """Item 12: `train cfg --resume training.x=1` was rejected; a run made with overrides only resumes by its folder."""
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    run = tmp_path / "run"
+    args = [f"model.name={lm_dir}", f"data.train={data}", "data.eval_fraction=0", "data.max_length=64",
+            "adapter.kind=lora", "adapter.targets=[q_proj,v_proj]", "training.max_steps=6", "training.save_every=2",
+            f"output.dir={run}"]
+
+    def stop(event):
+        if event.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, args + ["output.progress=false"]), on_step=stop, **QUIET)
+    assert main(["train", str(run), "--quiet", "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    assert main(["train", f"model.name={lm_dir}", "--quiet", f"data.train={data}", "--overwrite", *args[2:]]) == 0
+
+
+def test_summary_first_loss_is_the_first_step_and_files_follow_the_umask(tmp_path, encoder_dir):
+    """Item 12: first_loss was the first logged window's average; atomic writes made 0600 files."""
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(40))
+    run = tmp_path / "run"
+    first = []
+    s = train(cls_config(encoder_dir, data, run, "training.max_steps=4", "training.log_every=4"),
+              on_step=lambda e: first.append(e.loss), **QUIET)
+    assert s["first_loss"] == first[0] != s["final_loss"]
+    from tunesmith.io import UMASK
+    for name in ("summary.json", "run.json", "config.yaml"):
+        assert stat.S_IMODE(os.stat(run / name).st_mode) == 0o666 & ~UMASK, name
+    assert stat.S_IMODE(os.stat(run / "model").st_mode) == 0o777 & ~UMASK
+
+
+def test_inspect_prints_layers_as_their_constructors_read(capsys):
+    from tunesmith.cli import _signature
+    from torch import nn
+    assert _signature(nn.Linear(576, 1536)) == "Linear(576, 1536)"
+    assert _signature(nn.Conv2d(3, 32, 3)) == "Conv2d(3, 32, 3x3)"
+    from transformers.pytorch_utils import Conv1D
+    assert _signature(Conv1D(96, 32)) == "Conv1D(32, 96)"  # GPT-2's: nx=32 inputs, nf=96 outputs
+
+
+def test_wise_ft_breaks_accuracy_ties_by_loss():
+    from tunesmith.wise_ft import choose_alpha
+    rows = [{"alpha": 0.0, "d_score": 0.9, "d_loss": 0.6}, {"alpha": 0.5, "d_score": 0.9, "d_loss": 0.1},
+            {"alpha": 1.0, "d_score": 0.8, "d_loss": 0.05}]
+    assert choose_alpha(rows, ["d"], "mean") == 0.5 and choose_alpha(rows, ["d"], "d") == 0.5
+    with pytest.raises(TunesmithError, match="--select 'x'"):
+        choose_alpha(rows, ["d"], "x")
+
+
+# ---- found by trying the objective interface as an attacker would ----------------------------------------
+
+def test_load_run_takes_the_artifact_run_json_names(tmp_path, encoder_dir):
+    """A stale adapter/ beside a newer model/ (a rerun of another kind) must not be what eval loads."""
+    from tunesmith.train import load_run
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(20))
+    run = tmp_path / "run"
+    train(cls_config(encoder_dir, data, run), **QUIET)
+    stale = tmp_path / "lora"
+    train(cls_config(encoder_dir, data, stale, "adapter.kind=lora", "adapter.targets=[query]"), **QUIET)
+    (stale / "adapter").rename(run / "adapter")
+    assert json.loads((run / "run.json").read_text())["artifact"] == "model"
+    model = load_run(run).model
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_resume_refuses_data_that_remaps_the_classes(tmp_path, encoder_dir):
+    data = tmp_path / "cls.jsonl"
+    write_jsonl(data, class_rows(40))
+    run = tmp_path / "run"
+
+    def stop(event):
+        if event.step == 2:
+            raise KeyboardInterrupt
+
+    cfg = cls_config(encoder_dir, str(data), run, "training.max_steps=4", "training.save_every=2")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop, **QUIET)
+    data.write_text(data.read_text().replace('"sport"', '"athletics"'))  # edited in place: classes re-ordered
+    with pytest.raises(ConfigError, match="the data now gives labels .* but the run trained with"):
+        train(cfg, resume=True, **QUIET)
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_weights(tmp_path, encoder_dir):
+    from tunesmith.train.loop import TrainingDiverged
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(20))
+    with pytest.raises(TrainingDiverged, match="training diverged. Lower training.lr"):
+        train(cls_config(encoder_dir, data, tmp_path / "run", "training.lr=1e30", "training.max_grad_norm=null",
+                         "training.max_steps=6", "training.schedule=constant"), **QUIET)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_regression_guards(tmp_path, encoder_dir):
+    """Values float32 cannot hold are data errors; constant targets give no NaN metrics (strict JSON)."""
+    from tunesmith.data import DataError, read_records, validate
+    big = write_jsonl(tmp_path / "big.jsonl", [{"text": "a", "value": 1e39}, {"text": "b", "value": 10 ** 400}])
+    with pytest.raises(DataError) as e:
+        validate(*read_records(big))
+    assert "beyond float32's range" in str(e.value) and "must be a finite number" in str(e.value)
+    same = write_jsonl(tmp_path / "same.jsonl", [{"text": f"t {i}", "value": 2.0} for i in range(20)])
+    s = train(cls_config(encoder_dir, same, tmp_path / "run", "data.eval_fraction=0.2"), **QUIET)
+    assert "eval_r2" not in s and "eval_rmse" in s
+    json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    header = tmp_path / "h.csv"
+    header.write_text("text,value\n")
+    assert "has a header but no rows" in str(read_records(header)[1][0])
+
+
+def test_merged_regression_folder_says_how_to_read_its_head(tmp_path, encoder_dir):
+    rows = [{"text": f"w{i % 5} x", "value": float(100 + i % 5)} for i in range(30)]
+    data = write_jsonl(tmp_path / "reg.jsonl", rows)
+    train(cls_config(encoder_dir, data, tmp_path / "run", "adapter.kind=lora", "adapter.targets=[query]"), **QUIET)
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    head = json.loads((tmp_path / "merged" / "head.json").read_text())
+    assert head["task"] == "regression" and head["target_mean"] == pytest.approx(102.0) and head["outputs"] == 1
+
+
+def test_rare_tag_in_the_held_out_share_is_not_an_error(tmp_path, encoder_dir):
+    rows = [{"tokens": ["a", "b"], "tags": ["O", "B-X"]}] * 19 + [{"tokens": ["c"], "tags": ["B-RARE"]}]
+    data = write_jsonl(tmp_path / "tags.jsonl", rows)
+    for seed in range(3):  # whichever share the rare example lands in
+        s = train(cls_config(encoder_dir, data, tmp_path / f"r{seed}", "data.eval_fraction=0.2",
+                             f"training.seed={seed}"), **QUIET)
+        assert json.loads((tmp_path / f"r{seed}" / "run.json").read_text())["labels"] == ["B-RARE", "B-X", "O"]
+        assert "eval_f1" in s
+
+
+def test_words_that_vanish_or_run_together_are_refused(tmp_path, encoder_dir, lm_dir):
+    from tunesmith.data import DataError
+    from tunesmith.data.tokenize import encode_word_tags
+    from tunesmith.data.formats import Record
+    from tunesmith.models import load_tokenizer
+    rec = Record("f.jsonl", 3, {"tokens": ["Paris", "\u200b"], "tags": ["B-LOC", "O"]})
+    with pytest.raises(DataError, match=r"f.jsonl:3: tokens\[1\]: '\\u200b' becomes no token"):
+        encode_word_tags(load_tokenizer(str(encoder_dir)), rec, {"B-LOC": 0, "O": 1})
+    with pytest.raises(DataError, match="joins pre-split words without spaces"):
+        encode_word_tags(load_tokenizer(str(lm_dir)), Record("f.jsonl", 1, {"tokens": ["a", "b"], "tags": ["O", "O"]}),
+                         {"O": 0})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.log_every=0", "training.log_every: must be at least 1"),
+    ("training.eval_batch_size=0", "training.eval_batch_size: must be at least 1"),
+    ("training.max_steps=-1", "training.max_steps: must be at least 1"),
+    ("training.eval_every=-1", "training.eval_every: must be >= 0"),
+    ("training.lr=inf", "training.lr: must be positive"),
+    ("training.epochs=inf", "must be positive .and finite"),
+    ("head.dropout=2", r"head.dropout: must be in \[0, 1\)"),
+    ("objective.label_smoothing=1", "objective.label_smoothing"),
+    ("data.max_examples=0", "data.max_examples: must be at least 1"),
+])
+def test_out_of_range_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.train=x.jsonl", override])
