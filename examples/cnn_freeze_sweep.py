@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

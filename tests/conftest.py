@@ -48,6 +48,31 @@ def perturb_adapters(model, std: float = 0.2, seed: int = 3) -> None:
                     p.add_(torch.randn(p.shape, generator=g) * std)
 
 
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def perturb_peft(model, seed=4, std=0.2):
+    """Random values on every trainable PEFT parameter (PEFT marks adapters and modules_to_save trainable)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def peft_reference(model, peft_config, folder, ids):
+    """A perturbed PEFT model of `model`, saved to `folder`; returns its logits on `ids`."""
+    import peft
+    reference = peft.get_peft_model(model, peft_config)
+    perturb_peft(reference)
+    reference.eval()
+    expected = logits(reference, ids)
+    reference.save_pretrained(folder)
+    return expected
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

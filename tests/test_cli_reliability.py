@@ -296,3 +296,15 @@ def test_words_that_vanish_or_run_together_are_refused(tmp_path, encoder_dir, lm
 def test_out_of_range_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.train=x.jsonl", override])
+
+
+def test_a_single_logged_point_is_visible_in_loss_png(tmp_path):
+    """Item 12: a one-point line has no length, so without a marker the plot was empty."""
+    import numpy as np
+    from PIL import Image
+    from tunesmith.train.metrics import plot_losses
+    plot_losses([{"event": "train", "step": 1, "loss": 0.7}], tmp_path / "loss.png")
+    pixels = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB")).astype(int)
+    blue = np.abs(pixels - np.array([0x1F, 0x77, 0xB4])).sum(-1) < 40  # matplotlib's first line colour
+    # the legend's sample line alone is ~60 such pixels; the point's marker (and its legend marker) adds ~100
+    assert blue.sum() > 120, blue.sum()

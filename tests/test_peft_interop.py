@@ -7,7 +7,7 @@ import peft
 import pytest
 import torch
 
-from conftest import perturb_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from conftest import logits, peft_reference, perturb_adapters, perturb_peft, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from tunesmith.adapters import IA3Config, LoraConfig, add_adapter, load_adapter, save_adapter
 
 ATOL = 1e-5
@@ -28,6 +28,9 @@ CASES = {
                                              bias="lora_only"),
                        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
                                        bias="lora_only")),
+    "bert-head-bias-all": (tiny_bert, LoraConfig(targets=["query"], r=4, alpha=8, modules_to_save=["classifier"], bias="all"),
+                           peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], modules_to_save=["classifier"],
+                                           bias="all")),
     "bert-dora": (tiny_bert, LoraConfig(targets=["query", "key", "dense"], r=2, alpha=4, use_dora=True, layers_to_transform=[1]),
                   peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "key", "dense"], use_dora=True,
                                   layers_to_transform=[1])),
@@ -38,19 +41,6 @@ CASES = {
     "gpt2-dora": (tiny_gpt2, LoraConfig(targets=["c_proj"], r=4, alpha=8, use_dora=True),
                   peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj"], fan_in_fan_out=True, use_dora=True)),
 }
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def perturb_peft(model, seed=4, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:  # PEFT marks adapters (and modules_to_save) trainable
-                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -75,11 +65,7 @@ def test_tunesmith_adapter_loads_in_peft(case, tmp_path):
 def test_peft_adapter_loads_in_tunesmith(case, tmp_path):
     factory, _, peft_config = CASES[case]
     ids = token_batch()
-    reference = peft.get_peft_model(factory(), copy.deepcopy(peft_config))
-    perturb_peft(reference)
-    reference.eval()
-    expected = logits(reference, ids)
-    reference.save_pretrained(tmp_path / "adapter")
+    expected = peft_reference(factory(), copy.deepcopy(peft_config), tmp_path / "adapter", ids)
 
     model = factory()
     load_adapter(model, tmp_path / "adapter")

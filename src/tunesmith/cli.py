@@ -133,7 +133,6 @@ def cmd_merge(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from torch import nn
     from .adapters.layer import layout_of
     from .freeze import find_blocks
     from .models import load_model

@@ -136,3 +136,10 @@ def reset_head(model: nn.Module, num_outputs: int) -> str:
             model.config.num_labels = num_outputs
         return name
     raise ConfigError(f"{type(model).__name__} has no head named {', '.join(HEAD_NAMES)}; wrap it in TaskModel instead")
+
+
+def active_head(model: nn.Module) -> nn.Module:
+    """The model's new head as it runs now: with an adapter, the adapter's own trained copy (modules_to_save),
+    so head state dicts keep the plain `weight` / `bias` keys whatever wraps them."""
+    head = model.get_submodule(model.head_name)
+    return getattr(head, "module_in_use", head)

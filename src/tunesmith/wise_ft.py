@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import TunesmithError
+from .heads import active_head
 from .interpolate import interpolate_weights, scale_lora
 from .train.artifacts import encode_eval_set, load_run, save_result
 from .train.evaluate import evaluate
@@ -26,7 +27,7 @@ def _head_states(model, run_dir: Path, missing: str, probe_hint: bool = True):
     name = getattr(model, "head_name", None)
     if name is None:
         return None, None
-    head1 = _state(model.get_submodule(name))
+    head1 = _state(active_head(model))
     probe = run_dir / "probe_head.safetensors"
     if probe.exists():
         return load_file(str(probe)), head1
@@ -75,7 +76,7 @@ class Interpolator:
         if self.lora:
             scale_lora(self.model, alpha)
             if self.head0 is not None:
-                head = self.model.get_submodule(self.head_name)
+                head = active_head(self.model)
                 head.load_state_dict(interpolate_weights(self.head0, self.head1, alpha))
         else:
             self.model.load_state_dict(interpolate_weights(self.theta0, self.theta1, alpha))

@@ -44,12 +44,12 @@ class IA3Layer(AdapterLayer):
         return {"ia3_l": self.ia3_l[name]}
 
     def _merge_one(self, name: str) -> None:
-        self._apply(self.ia3_l[name])
+        self._scale_base(self.ia3_l[name])
 
     def _unmerge_one(self, name: str) -> None:
-        self._apply(1.0 / self.ia3_l[name])
+        self._scale_base(1.0 / self.ia3_l[name])
 
-    def _apply(self, scale: torch.Tensor) -> None:
+    def _scale_base(self, scale: torch.Tensor) -> None:  # not `_apply`: that is nn.Module.to()'s hook
         base = self.base_layer
         base.weight.copy_(ia3_merged_weight(base.weight, scale, self.layout, self.feedforward))
         if not self.feedforward and base.bias is not None:

@@ -4,6 +4,8 @@ Matching follows PEFT so configs carry over: a list entry matches a module whose
 ends with '.' + entry; a plain string is a regex matched against the whole name; 'all-linear' is every
 Linear / GPT-2 Conv1D except the output head. A target that matches nothing is an error naming the
 closest module names that exist. 'all-conv' is every non-grouped Conv layer (depthwise convs are skipped).
+Modules named in `modules_to_save` (trained in full) are never targets, and everything inside them is skipped
+(PEFT's rule); each of those entries must match too, checked before anything is wrapped.
 """
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import TargetNotFoundError, closest
-from ..naming import is_head_name, matches
+from ..naming import is_head_name, matches, matches_any_prefix
 from .bottleneck import BottleneckLayer
 from .config import AdapterConfig, IA3Config, LoraConfig
 from .ia3 import IA3Layer
 from .layer import AdapterLayer, layout_of
 from .lora import LoraLayer
 from .merge import CONV, GPT2_CONV1D, LINEAR
+from .modules_to_save import ModulesToSave
 
 LAYER_CLASSES: dict[str, type[AdapterLayer]] = {"lora": LoraLayer, "ia3": IA3Layer, "bottleneck": BottleneckLayer}
 COMMON_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer")
@@ -35,11 +38,13 @@ class WrappedModule:
 
 @dataclass
 class InjectionReport:
-    """What `add_adapter` did: every wrapped module with its shape and the parameters it gained."""
+    """What `add_adapter` did: every wrapped module with its shape and the parameters it gained, and the
+    modules the adapter trains in full (its own copies, `modules_to_save`)."""
 
     adapter: str
     kind: str
     modules: list[WrappedModule] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)
 
     @property
     def params_added(self) -> int:
@@ -51,6 +56,8 @@ class InjectionReport:
         width = max((len(m.name) for m in self.modules), default=10)
         for m in self.modules:
             lines.append(f"  {m.name:<{width}}  {m.layer_type:<10} {str(m.weight_shape):<16} +{m.params_added:,}")
+        if self.saved:
+            lines.append(f"  trained in full (its own copy): {', '.join(self.saved)}")
         return "\n".join(lines)
 
 
@@ -73,14 +80,15 @@ def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every named module, skipping the internals of adapter layers (no adapters on adapters)."""
+    """Every named module, skipping the internals of adapter layers (no adapters on adapters) and of modules
+    trained in full (their copies belong to their adapters)."""
     out: dict[str, nn.Module] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in inside):
             continue
         out[name] = module
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, (AdapterLayer, ModulesToSave)):
             inside.append(name + ".")
     return out
 
@@ -143,15 +151,45 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             chosen_set.update(ok)
         chosen = [n for n in wrappable if n in chosen_set]
     before = len(chosen)
-    chosen = [n for n in chosen if not matches(n, config.exclude)]
+    chosen = [n for n in chosen if not matches(n, config.exclude) and not matches_any_prefix(n, config.modules_to_save)]
     if config.layers_to_transform is not None:
         keep = set(config.layers_to_transform)
         chosen = [n for n in chosen if layer_index(n, config.layers_pattern) in keep]
     if not chosen:
         raise TargetNotFoundError(
             f"targets matched {before} modules, but exclude={config.exclude!r} / "
-            f"layers_to_transform={config.layers_to_transform!r} removed all of them"
+            f"layers_to_transform={config.layers_to_transform!r} / modules_to_save={config.modules_to_save!r} "
+            "removed all of them"
         )
+    return chosen
+
+
+def find_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the modules `config.modules_to_save` trains in full (the shallowest match of each entry), in
+    model order. Every entry must match; a module that holds adapter layers cannot be one. Changes nothing."""
+    if not config.modules_to_save:
+        return []
+    modules = candidate_modules(model)
+    found: set[str] = set()
+    for entry in config.modules_to_save:
+        hit = [n for n in modules if matches(n, [entry])]
+        if not hit:
+            leaves = sorted({n.split(".")[-1] for n in modules})
+            near = closest(entry, leaves + list(modules), n=5)
+            raise TargetNotFoundError(
+                f"modules_to_save entry {entry!r} matches no module in this model."
+                + (f" Closest names: {', '.join(near)}." if near else "")
+                + " (run `tunesmith inspect MODEL` to list every module)")
+        found.update(hit)
+    chosen = [n for n in modules if n in found and not any(n.startswith(f + ".") for f in found)]
+    for name in chosen:
+        held = [n for n, m in modules[name].named_modules()
+                if isinstance(m, (AdapterLayer, ModulesToSave)) and m is not modules[name]]
+        if isinstance(modules[name], AdapterLayer) or held:
+            inner = ", ".join(f"{name}.{n}" if n else name for n in (held or [""])[:3])
+            raise TargetNotFoundError(
+                f"modules_to_save: {name!r} holds adapter layers ({inner}); a module trained in full cannot also "
+                "carry adapters. Name a module outside them, or delete those adapters first")
     return chosen
 
 

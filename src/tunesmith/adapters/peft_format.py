@@ -1,4 +1,4 @@
-"""Read and write adapter folders in PEFT's format: adapter_model.safetensors + adapter_config.json.
+"""Write and read adapter folders in PEFT's format: adapter_model.safetensors + adapter_config.json.
 
 Keys are `base_model.model.<module>.<suffix>` (suffixes: lora_A.weight, lora_B.weight, lora_embedding_A/B,
 lora_magnitude_vector, ia3_l; full tensors of `modules_to_save` and trained biases under their own
@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,11 +23,8 @@ from .. import __version__
 from ..errors import AdapterLoadError
 from ..io import atomic_directory, atomic_write_bytes, atomic_write_text
 from .config import AdapterConfig, BottleneckConfig, IA3Config, LoraConfig
-from .inject import candidate_modules, matches, pattern_value
-from .layer import AdapterLayer
-from .manage import (
-    add_adapter, adapter_configs, adapter_layers, delete_adapter, named_modules_to_save, set_active_adapters,
-)
+from .inject import candidate_modules
+from .manage import adapter_configs, adapter_layers, base_parameters, internal_prefixes, saved_modules
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PREFIX = "base_model.model."
@@ -34,23 +32,57 @@ ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_
                     "lora_magnitude_vector", "ia3_l", "adapter_down.weight", "adapter_down.bias",
                     "adapter_up.weight", "adapter_up.bias")
 PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "bottleneck": "BOTTLENECK"}
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS", "regression": "SEQ_CLS",
+              "token_classification": "TOKEN_CLS"}
+"""The trainer's task -> PEFT's task_type (regression is SEQ_CLS with one label, as in transformers)."""
+AUTO_CLASSES = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+                ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+                ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+                ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+                ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+                ("MODEL_MAPPING_NAMES", "FEATURE_EXTRACTION"))
+"""transformers' auto-class tables -> the task_type whose AutoPeftModelFor<Task> class builds that model."""
+PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+"""Heads PEFT's class for a task_type adds to modules_to_save on load: it then needs their tensors in the file."""
 
 
 # -- identity of the base model --------------------------------------------------------------------
 def base_model_name(model: nn.Module) -> str | None:
+    """Where the base model came from, as `from_pretrained` loads it (PEFT's AutoPeftModel* classes do): a local
+    folder as an absolute path (a relative one loads only from where it was typed), anything else as it is."""
     cfg = getattr(model, "config", None)
-    return getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+    if name and Path(str(name)).expanduser().exists():
+        return str(Path(str(name)).expanduser().resolve())
+    return name
+
+
+def peft_task_type(model: nn.Module, task: str | None = None, trained_in_full: Sequence[str] = ()) -> str | None:
+    """PEFT's task_type: which AutoPeftModelFor<Task> (and AutoModelFor<Task>) rebuilds this model. From the
+    trainer's task when given, else from the model class.
+
+    None where PEFT could not load the adapter under that task_type: for a model no transformers auto class
+    builds (tunesmith's backbone + TaskModel head, a vision net), PEFT would build another architecture and
+    load the adapter into nothing; and a classifier task_type makes PEFT load the head from the file, so the
+    adapter must train it (`trained_in_full`, the modules it saves whole). Plain PeftModel loading is unaffected.
+    """
+    from transformers.models.auto import modeling_auto
+    cls, task_type = type(model).__name__, None
+    for mapping, from_class in AUTO_CLASSES:
+        builds = getattr(modeling_auto, mapping, {}).values()  # class names, or tuples of them
+        if any(cls == v or (isinstance(v, (tuple, list)) and cls in v) for v in builds):
+            task_type = TASK_TYPES.get(task or "", from_class)
+            break
+    heads = [n for n in candidate_modules(model) if n.endswith(PEFT_HEADS.get(task_type, ()))]  # PEFT's match
+    return None if any(n not in trained_in_full for n in heads) else task_type
 
 
 def base_model_hash(model: nn.Module) -> str | None:
     """sha256 over the base weights (names, shapes, bytes), leaving out adapters and the modules they train
     in full (a new head); None while adapters are merged into the weights."""
-    layers = dict(adapter_layers(model))
-    if any(layer.merged_adapters for layer in layers.values()):
+    if any(layer.merged_adapters for _, layer in adapter_layers(model)):
         return None
-    internal = tuple(f"{n}.{part}" for n, layer in layers.items() for part in
-                     {k.split(".")[0] for k, _ in layer.named_parameters()} - {"base_layer"})
-    internal += tuple(f"{name}." for cfg in adapter_configs(model).values() for name, _ in named_modules_to_save(model, cfg))
+    internal = internal_prefixes(model)
     base = [(n, p) for n, p in sorted(model.state_dict().items()) if not n.startswith(internal)]
     # The weights change only in place (merge, an optimizer step) or by replacement, both of which show in
     # the tensors' storage pointers and version counters: repeated saves (checkpoints) skip the rehash.
@@ -68,29 +100,35 @@ def base_model_hash(model: nn.Module) -> str | None:
 
 
 # -- saving -----------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's keys (copies, contiguous, on CPU)."""
-    config = adapter_configs(model)[name]
+def adapter_tensors(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s live tensors under PEFT's file keys: what a save writes and a load must find. Its layers'
+    tensors, the biases its `bias` option trains, and its own copies of the modules it trains in full."""
+    bias = getattr(adapter_configs(model)[name], "bias", "none")
     out: dict[str, torch.Tensor] = {}
     for layer_name, layer in adapter_layers(model):
         if name not in layer.configs:
             continue
         for suffix, t in layer.adapter_state(name).items():
             out[f"{PREFIX}{layer_name}.{suffix}"] = t
-        if getattr(config, "bias", "none") != "none" and getattr(layer.base_layer, "bias", None) is not None:
+        if bias != "none" and getattr(layer.base_layer, "bias", None) is not None:
             out[f"{PREFIX}{layer_name}.base_layer.bias"] = layer.base_layer.bias
-    if getattr(config, "bias", "none") == "all":
-        for pname, p in model.named_parameters():
-            key = PREFIX + pname
-            if pname.endswith("bias") and key not in out and ".lora_" not in pname:
-                out[key] = p
-    for mod_name, module in named_modules_to_save(model, config):
-        for pname, p in module.state_dict().items():
-            out[f"{PREFIX}{mod_name}.{pname}"] = p
-    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+    if bias == "all":
+        for pname, p in base_parameters(model):
+            if pname.endswith("bias"):
+                out.setdefault(PREFIX + pname, p)
+    for module_name, module in saved_modules(model):
+        if name in module.modules_to_save:
+            for key, t in module.modules_to_save[name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{module_name}.{key}"] = t
+    return out
 
 
-def _peft_config(model: nn.Module, name: str) -> dict:
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys (copies, contiguous, on CPU)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in adapter_tensors(model, name).items()}
+
+
+def _peft_config(model: nn.Module, name: str, task: str | None = None) -> dict:
     config = adapter_configs(model)[name]
     layers = {n: layer for n, layer in adapter_layers(model) if name in layer.configs}
     all_names = list(candidate_modules(model))
@@ -98,9 +136,10 @@ def _peft_config(model: nn.Module, name: str) -> dict:
     targets, feedforward = _short_names(set(layers), all_names), _short_names(ff, all_names)
     if any("." in t for t in targets) or not set(feedforward) <= set(targets):
         targets, feedforward = sorted(layers), sorted(ff)  # PEFT wants feedforward within targets
-    d = {"peft_type": PEFT_TYPES[config.kind], "target_modules": targets, "modules_to_save": config.modules_to_save,
-         "base_model_name_or_path": base_model_name(model), "inference_mode": True, "task_type": None,
-         "exclude_modules": None, "revision": None}
+    saved = [n for n, module in saved_modules(model) if name in module.modules_to_save]  # its own copies
+    d = {"peft_type": PEFT_TYPES[config.kind], "target_modules": targets, "modules_to_save": saved or None,
+         "base_model_name_or_path": base_model_name(model), "inference_mode": True,
+         "task_type": peft_task_type(model, task, saved), "exclude_modules": None, "revision": None}
     if isinstance(config, LoraConfig):
         r = {n: layer.r[name] for n, layer in layers.items()}
         alpha = {n: layer.alpha[name] for n, layer in layers.items()}
@@ -157,7 +196,7 @@ def save_adapters(model: nn.Module, path: str | Path, names: list[str] | None = 
 
 
 def _write_adapter(model: nn.Module, folder: Path, name: str, metadata: dict | None) -> None:
-    config = _peft_config(model, name)
+    config = _peft_config(model, name, (metadata or {}).get("task"))
     tensors = adapter_state_dict(model, name)
     header = {"format": "pt", "tunesmith_version": __version__, "adapter_name": name,
               "base_model": str(config["base_model_name_or_path"] or ""), "base_model_hash": base_model_hash(model) or "",
@@ -167,36 +206,12 @@ def _write_adapter(model: nn.Module, folder: Path, name: str, metadata: dict | N
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def load_adapters(model: nn.Module, path: str | Path, *, trainable: bool = False) -> list[str]:
-    """Load every adapter of a multi-adapter folder (PEFT's layout): the top-level one as 'default', each
-    subfolder holding adapter_config.json under its folder name. Activates 'default' (else the first);
-    returns the names loaded."""
-    path = Path(path)
-    found: list[tuple[str, Path]] = []
-    if path.is_dir():
-        found = [("default", path)] if (path / CONFIG).exists() else []
-        found += [(p.name, p) for p in sorted(path.iterdir()) if p.is_dir() and (p / CONFIG).exists()]
-    if not found:
-        raise AdapterLoadError(f"{path}: no {CONFIG} here or in any subfolder; not an adapter folder")
-    loaded: list[str] = []
-    try:
-        for name, folder in found:
-            load_adapter(model, folder, name, trainable=trainable, activate=False)
-            loaded.append(name)
-    except Exception:
-        for name in loaded:  # all or nothing
-            delete_adapter(model, name)
-        raise
-    set_active_adapters(model, loaded[0])
-    return loaded
-
-
 def _require_known(model: nn.Module, name: str) -> None:
     if name not in adapter_configs(model):
         raise AdapterLoadError(f"no adapter named {name!r} to save; this model has {sorted(adapter_configs(model)) or 'none'}")
 
 
-# -- loading ----------------------------------------------------------------------------------------
+# -- reading ----------------------------------------------------------------------------------------
 def read_adapter_config(path: str | Path) -> dict:
     """Parse adapter_config.json, naming the file, line and column of any syntax error."""
     file = Path(path) / CONFIG if Path(path).is_dir() else Path(path)
@@ -226,10 +241,12 @@ def read_adapter_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         raise AdapterLoadError(f"{file}: not a valid safetensors file ({e}); the file is corrupt or truncated, save it again") from None
 
 
-def config_from_peft(d: dict, targets: list[str]) -> AdapterConfig:
-    """Our config for a PEFT adapter_config.json dict, targeting exactly `targets`."""
+def config_from_peft(d: dict, targets: list[str] | str, modules_to_save: list[str] | None = None) -> AdapterConfig:
+    """Our config for a PEFT adapter_config.json dict, targeting exactly `targets`, training `modules_to_save`
+    in full (default: the dict's own list)."""
     ptype = str(d.get("peft_type", "")).upper()
-    common = dict(targets=targets, modules_to_save=d.get("modules_to_save") or None)
+    saved = d.get("modules_to_save") if modules_to_save is None else modules_to_save
+    common = dict(targets=targets, modules_to_save=list(dict.fromkeys(saved)) if saved else None)
     if ptype == "LORA":
         return LoraConfig(r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
                           use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
@@ -242,7 +259,8 @@ def config_from_peft(d: dict, targets: list[str]) -> AdapterConfig:
     raise AdapterLoadError(f"peft_type {ptype!r} is not supported; tunesmith loads {', '.join(PEFT_TYPES.values())} adapters")
 
 
-def _split_key(key: str, file: Path) -> tuple[str, str]:
+def split_key(key: str, file: Path) -> tuple[str, str]:
+    """(module, adapter suffix) of a file key; suffix '' for a full tensor (modules_to_save, biases, embeddings)."""
     if not key.startswith(PREFIX):
         raise AdapterLoadError(f"{file}: key {key!r} does not start with {PREFIX!r}; this is not a PEFT adapter file")
     rest = key[len(PREFIX):].replace(".modules_to_save.", ".")
@@ -250,86 +268,3 @@ def _split_key(key: str, file: Path) -> tuple[str, str]:
         if rest.endswith("." + suffix):
             return rest[: -len(suffix) - 1], suffix
     return rest, ""
-
-
-def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, trainable: bool = False,
-                 activate: bool = True) -> None:
-    """Load a PEFT-format adapter folder into `model` as adapter `name`.
-
-    Checks every name and shape first and reports all mismatches at once (key, expected vs found shape,
-    and which base model the adapter was made for); on any error the model is left unchanged.
-    """
-    path = Path(path)
-    d = read_adapter_config(path)
-    tensors, meta = read_adapter_weights(path)
-    made_for = meta.get("base_model") or d.get("base_model_name_or_path") or "an unnamed base model"
-    if meta.get("base_model_hash"):
-        made_for += f" (weights hash {meta['base_model_hash'][:12]})"
-    file = path / WEIGHTS
-    adapter_keys: dict[str, dict[str, torch.Tensor]] = {}
-    other: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        module, suffix = _split_key(key, file)
-        if suffix:
-            adapter_keys.setdefault(module, {})[suffix] = t
-        else:
-            other[module] = t
-    modules = candidate_modules(model)
-    missing = [m for m in adapter_keys if m not in modules]
-    if missing:
-        from ..errors import closest
-        near = closest(missing[0], modules, n=3)
-        raise AdapterLoadError(
-            f"{file}: the adapter wraps {len(missing)} module(s) this model does not have, e.g. {missing[0]!r}"
-            f"{' (closest here: ' + ', '.join(near) + ')' if near else ''}. It was made for {made_for}."
-        )
-    targets = [m for m in modules if m in adapter_keys]  # model order
-    config = config_from_peft(d, targets)
-    expected_hash = meta.get("base_model_hash")
-    add_adapter(model, config, name, activate=activate, freeze_base=trainable)
-    try:
-        _copy_checked(model, name, adapter_keys, other, file, made_for)
-    except Exception:
-        delete_adapter(model, name)
-        raise
-    if expected_hash and not trainable:
-        actual = base_model_hash(model)
-        if actual and actual != expected_hash:
-            import warnings
-            warnings.warn(f"{file}: made for base {made_for} (hash {expected_hash[:12]}), but this model's weights "
-                          f"hash to {actual[:12]}; outputs may differ from what the adapter was trained for", stacklevel=2)
-
-
-def _copy_checked(model, name, adapter_keys, other, file, made_for) -> None:
-    problems: list[str] = []
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for module, found in adapter_keys.items():
-        layer: AdapterLayer = model.get_submodule(module)
-        expected = layer.adapter_state(name)
-        for suffix, t in found.items():
-            key = f"{PREFIX}{module}.{suffix}"
-            if suffix not in expected:
-                problems.append(f"{key}: unexpected for a {layer.kind} adapter on {type(layer.base_layer).__name__}")
-            elif tuple(expected[suffix].shape) != tuple(t.shape):
-                problems.append(f"{key}: expected shape {tuple(expected[suffix].shape)}, found {tuple(t.shape)}")
-            else:
-                pairs.append((expected[suffix], t))
-        for suffix in set(expected) - set(found):
-            problems.append(f"{PREFIX}{module}.{suffix}: missing from the file")
-    params = dict(model.named_parameters())
-    params.update({k.replace(".base_layer.", "."): v for k, v in list(params.items()) if ".base_layer." in k})
-    for key, t in other.items():
-        target = params.get(key) if key in params else params.get(key.replace(".base_layer.", "."))
-        if target is None:
-            problems.append(f"{PREFIX}{key}: no such parameter in this model")
-        elif tuple(target.shape) != tuple(t.shape):
-            problems.append(f"{PREFIX}{key}: expected shape {tuple(target.shape)}, found {tuple(t.shape)}")
-        else:
-            pairs.append((target, t))
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise AdapterLoadError(f"{file} does not fit this model (it was made for {made_for}):\n  {shown}{more}")
-    with torch.no_grad():
-        for dst, src in pairs:
-            dst.copy_(src.to(dst.dtype))

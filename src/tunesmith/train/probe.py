@@ -15,6 +15,7 @@ from torch import nn
 from ..data.batching import collate, model_inputs
 from ..devices import model_device, to_device
 from ..errors import ConfigError, TunesmithError
+from ..heads import active_head
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def linear_probe(model: nn.Module, examples: list[dict], pad_id: int, epochs: fl
     """Train the head on cached features; returns the head's state dict (the model's head is updated too)."""
     if not hasattr(model, "pooled_features") or not hasattr(model, "classify"):
         raise TunesmithError("linear probing needs a classifier with a new head (a text classifier or MobileNetV2)")
-    head = model.get_submodule(model.head_name)
+    head = active_head(model)
     was_training = model.training
     model.eval()
     x, y = cached_features(model, examples, pad_id)
