@@ -308,3 +308,16 @@ def test_a_single_logged_point_is_visible_in_loss_png(tmp_path):
     blue = np.abs(pixels - np.array([0x1F, 0x77, 0xB4])).sum(-1) < 40  # matplotlib's first line colour
     # the legend's sample line alone is ~60 such pixels; the point's marker (and its legend marker) adds ~100
     assert blue.sum() > 120, blue.sum()
+
+
+@pytest.mark.parametrize("kind", ["ia3", "bottleneck"])
+def test_every_adapter_kind_trains_end_to_end(kind, tmp_path, lm_dir):
+    """IA3's merge helper was named `_apply`, shadowing nn.Module._apply: `model.to(device)` crashed every IA3 run."""
+    from tunesmith.train import load_run
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
+    targets = "[down_proj]" if kind == "bottleneck" else "[q_proj,v_proj,down_proj]"
+    extra = ["adapter.feedforward=[down_proj]"] if kind == "ia3" else []
+    s = train(load_config(None, [f"model.name={lm_dir}", f"data.train={data}", "data.eval_fraction=0",
+                                 f"adapter.kind={kind}", f"adapter.targets={targets}", *extra, "training.max_steps=2",
+                                 f"output.dir={tmp_path / 'run'}", "output.progress=false"]), **QUIET)
+    assert s["steps"] == 2 and load_run(tmp_path / "run").model is not None
