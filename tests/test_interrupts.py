@@ -22,7 +22,8 @@ def config(lm_dir, data, eval_data, out):
                               "data.max_length=64", "adapter.kind=lora", "adapter.targets=[q_proj,v_proj]",
                               "adapter.r=4", "adapter.dropout=0.1", "training.lr=5e-3", "training.batch_size=4",
                               "training.max_steps=8", "training.log_every=2", "training.eval_every=2",
-                              "training.save_every=2", f"output.dir={out}", "output.progress=false"])
+                              "training.save_every=2", "training.eval_at_start=true", f"output.dir={out}",
+                              "output.progress=false"])
 
 
 def ctrl_c() -> None:
@@ -64,9 +65,9 @@ def _patch_point(point: str, monkeypatch) -> dict:
     elif point == "eval":
         real_eval = loop.evaluate
 
-        def evaluate(*a, **k):  # evaluations run at steps 2, 4, ...: interrupt the one at STEP
+        def evaluate(*a, **k):  # evaluations run at steps 0, 2, 4, ...: interrupt the one at STEP
             evaluate.calls = getattr(evaluate, "calls", 0) + 1
-            if evaluate.calls == STEP // 2:
+            if evaluate.calls == STEP // 2 + 1:
                 ctrl_c()
             return real_eval(*a, **k)
         monkeypatch.setattr(loop, "evaluate", evaluate)
@@ -112,3 +113,4 @@ def test_ctrl_c_anywhere_resumes_bitwise(point, reference, tmp_path, lm_dir, mon
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), point
     assert lines(tmp_path / "run") == lines(ref)
     assert summary["final_loss"] == ref_summary["final_loss"] and summary["first_loss"] == ref_summary["first_loss"]
+    assert summary["before"] == ref_summary["before"] and summary["before"]

@@ -162,6 +162,9 @@ def start(run: Run) -> dict[str, float]:
     if t.eval_at_start and run.data.eval and fresh:
         before = evaluate_now(run, 0)
         run.log("before training: " + _fmt(before))
+    elif t.eval_at_start and run.data.eval:  # resumed: the run's own before-training numbers, from metrics.jsonl
+        zero = [r for r in run.metrics.read() if r.get("event") == "eval" and r["step"] == 0]
+        before = {k: v for k, v in zero[-1].items() if k.startswith("eval_")} if zero else {}
     set_train_mode(run.model, run.cfg.freeze.batchnorm)
     run.window_start = time.perf_counter()  # throughput counts training time from here
     return before
