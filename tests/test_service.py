@@ -106,8 +106,9 @@ def test_full_flow_with_the_official_client(client, tmp_path):
     metrics = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
     assert len(metrics) == 12 and "train_loss" in metrics[0].data
     ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))
-    assert [c.step_number for c in ckpts] == [10, 5] and ckpts[0].metrics.train_loss > 0
-    assert 0 <= ckpts[0].metrics.train_mean_token_accuracy <= 1 and ckpts[0].metrics.step == 10
+    # every 5 steps and at each epoch end (6, 12: as OpenAI keeps one per epoch), newest first
+    assert [c.step_number for c in ckpts] == [12, 10, 6, 5] and ckpts[0].metrics.train_loss > 0
+    assert 0 <= ckpts[0].metrics.train_mean_token_accuracy <= 1 and ckpts[0].metrics.step == 12
     result = client.files.content(done.result_files[0]).read().decode().splitlines()
     assert result[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(result) == 13
     assert all(0 <= float(line.split(",")[2]) <= 1 for line in result[1:])
@@ -319,7 +320,7 @@ def test_two_workers_share_one_store(tmp_path, lm_dir):
         for j in jobs:
             messages = [e.message for e in client.fine_tuning.jobs.list_events(j.id, limit=1000)]
             assert sum(m.startswith("Fine-tuning job started") for m in messages) == 1, "a job was claimed twice"
-            assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(j.id)] == [42, 35, 28, 21, 14, 7]
+            assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(j.id)] == [48, 42, 35, 28, 24, 21, 14, 7]  # every 7 steps and each epoch end
             adapter = json.loads((data / "jobs" / j.id / "adapter" / "adapter_config.json").read_text())
             assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     finally:

@@ -235,11 +235,14 @@ def _bases(items: list[str] | None) -> dict[str, str]:
 
 
 def cmd_serve(args) -> int:
+    from .service.app import api_keys_from
+    keys = api_keys_from(args.api_key, no_auth=args.no_auth, host=args.host)  # refuses empty keys before anything starts
     import uvicorn
-    from .service.app import api_keys_from, create_app
-    app = create_app(args.data, api_keys_from(args.api_key), _bases(args.model), args.max_upload_mb,
+    from .service.app import create_app
+    app = create_app(args.data, keys, _bases(args.model), args.max_upload_mb,
                      start_worker=not args.no_worker, device=args.device, job_config=args.job_config)
-    print(f"tunesmith API on http://{args.host}:{args.port}/v1 (web page at /), data in {args.data}")
+    access = "WITHOUT authentication (--no-auth)" if keys is None else f"{len(keys)} API key(s)"
+    print(f"tunesmith API on http://{args.host}:{args.port}/v1 (web page at /), {access}, data in {args.data}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -337,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="tunesmith-data", help="data folder: SQLite store, uploads, runs (default tunesmith-data)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    s.add_argument("--api-key", action="append", help="accepted bearer key (repeatable; also TUNESMITH_API_KEYS=a,b)")
+    s.add_argument("--api-key", action="append", help="accepted bearer key (repeatable; also TUNESMITH_API_KEYS=a,b); "
+                                                      "empty keys are refused")
+    s.add_argument("--no-auth", action="store_true",
+                   help="serve without any API key; only allowed when --host is a loopback address (127.0.0.1, ::1, localhost)")
     s.add_argument("--model", action="append", metavar="NAME=PATH",
                    help="offer a local model folder as a base model (repeatable); packaged chat models are offered by default")
     s.add_argument("--max-upload-mb", type=float, default=100, help="largest accepted upload in MB (default 100)")

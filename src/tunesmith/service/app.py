@@ -1,38 +1,83 @@
 """The HTTP API, shaped like OpenAI's fine-tuning API so the official `openai` client works unchanged.
 
-Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}; every /v1 route needs a bearer key.
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}; every /v1 route needs a bearer key
+(unless the server runs with --no-auth on a loopback address). Request bodies are the pydantic models of
+schemas.py: a body of the wrong shape is a 400 naming the parameter before any route runs, and a body over its
+size limit is a 413 before it is read (declared length) or as soon as it passes the limit (streamed).
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import os
 import threading
 from pathlib import Path
+from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, Form, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .chat import ChatRequestError, complete as chat_complete, parse_chat_request, stream as chat_stream
+from .chat import ChatRequestError, admit as chat_admit, complete as chat_complete, parse_chat_request, stream as chat_stream
 from .inference import Engine
+from .schemas import (
+    APIError,
+    ChatCompletionCreate,
+    FileUpload,
+    JobCreate,
+    validation_error,
+)
 from .store import Store, new_id, now
 
-HYPERPARAMETERS = {"n_epochs": (int, 1, 50), "batch_size": (int, 1, 256), "learning_rate_multiplier": (float, 1e-6, 100.0)}
+MAX_JSON_BYTES = 8 * 2**20  # a JSON request body (a job, a chat request)
+MULTIPART_SLACK = 16 * 2**10  # an upload's body beyond its file: boundaries, part headers, the purpose field
+MAX_FILES_PAGE, MAX_PAGE = 10000, 1000  # the largest `limit` of GET /v1/files and of the job, event, checkpoint lists
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+def body_limit(method: str, path: str, upload_bytes: int) -> int:
+    """The most bytes a request's body may have: an upload's file plus its multipart framing, else a JSON body."""
+    return upload_bytes + MULTIPART_SLACK if (method, path) == ("POST", "/v1/files") else MAX_JSON_BYTES
 
 
-def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str], max_upload_mb: float = 100,
+def too_large(method: str, path: str, upload_bytes: int) -> APIError:
+    if (method, path) == ("POST", "/v1/files"):
+        return APIError(413, f"File is larger than the server's limit of {upload_bytes / 2**20:g} MB "
+                             "(tunesmith serve --max-upload-mb)", param="file", code="file_too_large")
+    return APIError(413, f"The request body is larger than the server's limit of {MAX_JSON_BYTES // 2**20} MB",
+                    code="request_too_large")
+
+
+class DeclaredLengthLimit:
+    """Refuse a body whose Content-Length is over its limit before reading a byte of it, in OpenAI's error shape.
+    (Bodies sent without a length are counted as they arrive by the routes' `max_body_size`.)"""
+
+    def __init__(self, app: ASGIApp, upload_bytes: int) -> None:
+        self.app, self.upload_bytes = app, upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = Headers(scope=scope).get("content-length", "")
+            method, path = scope["method"], scope["path"]
+            if declared.isdigit() and int(declared) > body_limit(method, path, self.upload_bytes):
+                e = too_large(method, path, self.upload_bytes)
+                return await JSONResponse(e.body(), e.status, headers={"connection": "close"})(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str, str], max_upload_mb: float = 100,
                start_worker: bool = True, device: str = "auto", job_config: str | Path | None = None) -> FastAPI:
-    """The app on data folder `data_dir`. job_config: a YAML run-config fragment every job trains with
-    (checked now, copied into the data folder so that `tunesmith worker` processes use it too)."""
+    """The app on data folder `data_dir`. api_keys: the accepted bearer keys, or None for no authentication
+    (`serve --no-auth`). job_config: a YAML run-config fragment every job trains with (checked now, copied into
+    the data folder so that `tunesmith worker` processes use it too)."""
     from ..io import atomic_write_text
     from .job import JOB_CONFIG, check_job_config
+    if api_keys is not None and (not api_keys or not all(isinstance(k, str) and k.strip() for k in api_keys)):
+        raise ValueError(f"api_keys must be non-empty strings (None turns authentication off), got {api_keys!r}")
+    upload_bytes = int(max_upload_mb * 2**20)
     store = Store(data_dir)
     atomic_write_text(store.dir / "bases.json", json.dumps(bases))
     if job_config is not None:
@@ -41,7 +86,10 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
         (store.dir / JOB_CONFIG).unlink(missing_ok=True)
     engine = Engine(store, bases, device)
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
+    app.add_middleware(DeclaredLengthLimit, upload_bytes=upload_bytes)
     app.state.store, app.state.stop = store, threading.Event()
+    app.router.add_event_handler("startup", engine.start)  # the generation thread; SIGTERM cuts generations short
+    app.router.add_event_handler("shutdown", engine.stop)
 
     if start_worker:
         from .worker import work_forever
@@ -56,25 +104,34 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
 
     @app.exception_handler(APIError)
     def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-                            status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:
+        error = validation_error(list(e.errors()))
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    def _http_error(request: Request, e: HTTPException) -> JSONResponse:  # unknown routes, 405s, a body over its limit
+        error = (too_large(request.method, request.url.path, upload_bytes) if e.status_code == 413
+                 else APIError(e.status_code, str(e.detail)))
+        return JSONResponse(error.body(), status_code=error.status, headers=e.headers)
 
     def auth(request: Request) -> None:
+        if api_keys is None:  # --no-auth, loopback only (checked by api_keys_from)
+            return
         header = request.headers.get("authorization", "")
-        key = header[7:] if header.lower().startswith("bearer ") else ""
-        if key not in api_keys:
+        key = (header[7:] if header.lower().startswith("bearer ") else "").encode()
+        if not any(hmac.compare_digest(key, k.encode()) for k in api_keys):
             raise APIError(401, "Incorrect API key provided. Pass 'Authorization: Bearer <key>'; keys come from "
                                 "--api-key or TUNESMITH_API_KEYS.", code="invalid_api_key", type_="authentication_error")
 
-    def page(items: list[dict], after: str | None, limit: int) -> dict:
-        ids = [i["id"] for i in items]
-        if after:
-            if after not in ids:
-                raise APIError(404, f"No such object: {after!r} (the 'after' cursor)", param="after")
-            items = items[ids.index(after) + 1:]
-        chunk = items[:limit]
-        return {"object": "list", "data": chunk, "has_more": len(items) > limit,
-                "first_id": chunk[0]["id"] if chunk else None, "last_id": chunk[-1]["id"] if chunk else None}
+    def store_page(lister, *args, after: str | None, **kwargs) -> dict:
+        """One page from the store (one query); an unknown `after` cursor is a 404."""
+        try:
+            return lister(*args, after=after, **kwargs)
+        except KeyError:
+            raise APIError(404, f"No such object: {after!r} (the 'after' cursor)", param="after") from None
 
     def file_object(f: dict) -> dict:
         return {"id": f["id"], "object": "file", "bytes": f["bytes"], "created_at": f["created_at"],
@@ -84,21 +141,22 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
     # -- files ------------------------------------------------------------------------------------
     v1 = [Depends(auth)]
 
-    @app.post("/v1/files", dependencies=v1)
-    async def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict:
-        limit = int(max_upload_mb * 2**20)
-        data = await file.read(limit + 1)
-        if len(data) > limit:
-            raise APIError(413, f"File is larger than the server's limit of {max_upload_mb:g} MB", param="file")
-        name = Path(file.filename or "upload").name
-        if purpose == "fine-tune" and not name.endswith(".jsonl"):
+    # the body is counted as it arrives and parsing stops past the limit; the file's exact size is checked after
+    @app.post("/v1/files", dependencies=v1, max_body_size=body_limit("POST", "/v1/files", upload_bytes),
+              form_limits={"max_files": 1, "max_fields": 8, "max_part_size": 1024})
+    def upload(form: Annotated[FileUpload, Form()]) -> dict:
+        if form.file.size is None or form.file.size > upload_bytes:
+            raise too_large("POST", "/v1/files", upload_bytes)
+        name = Path(form.file.filename or "upload").name
+        if form.purpose == "fine-tune" and not name.endswith(".jsonl"):
             raise APIError(400, "Invalid file format for Fine-Tuning API. Must be .jsonl", param="file")
-        return file_object(store.add_file(name, purpose, data))
+        return file_object(store.add_file(name, form.purpose, form.file.file.read()))
 
     @app.get("/v1/files", dependencies=v1)
-    def list_files(after: str | None = None, limit: int = 10000, purpose: str | None = None, order: str = "desc") -> dict:
-        files = [file_object(f) for f in store.list_files(purpose)]
-        return page(files if order == "desc" else files[::-1], after, limit)
+    def list_files(after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_FILES_PAGE)] = MAX_FILES_PAGE,
+                   purpose: str | None = None, order: Literal["asc", "desc"] = "desc") -> dict:
+        listed = store_page(store.page_files, after=after, limit=limit, purpose=purpose, order=order)
+        return {**listed, "data": [file_object(f) for f in listed["data"]]}
 
     def known_file(file_id: str) -> dict:
         f = store.get_file(file_id)
@@ -122,51 +180,32 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- jobs -------------------------------------------------------------------------------------
-    def hyperparameters(raw: dict | None) -> dict:
-        out = {}
-        for key, value in (raw or {}).items():
-            if key not in HYPERPARAMETERS:
-                raise APIError(400, f"Unknown hyperparameter {key!r}; use {', '.join(HYPERPARAMETERS)}",
-                               param=f"hyperparameters.{key}")
-            kind, lo, hi = HYPERPARAMETERS[key]
-            if value != "auto":
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
-                if not ok or (kind is int and value != int(value)):
-                    raise APIError(400, f"Invalid hyperparameter {key}={value!r}: expected 'auto' or a number in "
-                                        f"[{lo:g}, {hi:g}]", param=f"hyperparameters.{key}", code="invalid_hyperparameter")
-            out[key] = value
-        return {k: out.get(k, "auto") for k in HYPERPARAMETERS}
+    def fine_tuning_file(field: str, file_id: str) -> None:
+        f = store.get_file(file_id)
+        if f is None:
+            raise APIError(400, f"invalid {field}: no such file {file_id!r}", param=field)
+        if f["purpose"] != "fine-tune":
+            raise APIError(400, f"invalid {field}: {file_id} was uploaded with purpose {f['purpose']!r}; fine-tuning "
+                                "reads files uploaded with purpose 'fine-tune'", param=field, code="invalid_file_purpose")
 
-    @app.post("/v1/fine_tuning/jobs", dependencies=v1)
-    async def create_job(request: Request) -> dict:
-        body = await request.json()
-        if body.get("model") not in bases:
-            raise APIError(400, f"Model {body.get('model')!r} is not available for fine-tuning here; available: "
+    @app.post("/v1/fine_tuning/jobs", dependencies=v1, max_body_size=MAX_JSON_BYTES)
+    def create_job(body: JobCreate) -> dict:
+        if body.model not in bases:
+            raise APIError(400, f"Model {body.model!r} is not available for fine-tuning here; available: "
                                 f"{', '.join(bases)}", param="model", code="model_not_available")
-        for field in ("training_file", "validation_file"):
-            if body.get(field) is not None and store.get_file(body[field]) is None:
-                raise APIError(400, f"invalid {field}: no such file {body[field]!r}", param=field)
-        if not body.get("training_file"):
-            raise APIError(400, "training_file is required", param="training_file")
-        method = body.get("method") or {"type": "supervised"}
-        if method.get("type", "supervised") != "supervised":
-            raise APIError(400, f"method type {method.get('type')!r} is not supported yet; only 'supervised'",
+        fine_tuning_file("training_file", body.training_file)
+        if body.validation_file is not None:
+            fine_tuning_file("validation_file", body.validation_file)
+        if body.method is not None and body.method.type != "supervised":
+            raise APIError(400, f"method type {body.method.type!r} is not supported yet; only 'supervised'",
                            param="method.type")
-        raw = (method.get("supervised") or {}).get("hyperparameters") or body.get("hyperparameters")
-        hp = hyperparameters(raw)
-        suffix = body.get("suffix")
-        if suffix is not None and not (1 <= len(suffix) <= 64):
-            raise APIError(400, "suffix must be 1 to 64 characters", param="suffix")
-        metadata = body.get("metadata") or {}
-        if len(metadata) > 16:
-            raise APIError(400, "metadata holds at most 16 key-value pairs", param="metadata")
-        seed = body.get("seed")
-        job = {"object": "fine_tuning.job", "id": new_id("ftjob-"), "model": body["model"], "created_at": now(),
+        hp = body.chosen_hyperparameters()
+        job = {"object": "fine_tuning.job", "id": new_id("ftjob-"), "model": body.model, "created_at": now(),
                "finished_at": None, "status": "validating_files", "fine_tuned_model": None, "organization_id": "user",
-               "training_file": body["training_file"], "validation_file": body.get("validation_file"),
+               "training_file": body.training_file, "validation_file": body.validation_file,
                "result_files": [], "trained_tokens": None, "hyperparameters": hp, "error": None,
-               "seed": int(seed) if seed is not None else 42, "suffix": suffix, "estimated_finish": None,
-               "integrations": [], "metadata": metadata or None,
+               "seed": 42 if body.seed is None else body.seed, "suffix": body.suffix, "estimated_finish": None,
+               "integrations": [], "metadata": body.metadata or None,
                "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
         store.add_job(job)
         store.add_event(job["id"], f"Created fine-tuning job: {job['id']}")
@@ -179,11 +218,9 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
         return job
 
     @app.get("/v1/fine_tuning/jobs", dependencies=v1)
-    def list_jobs(request: Request, after: str | None = None, limit: int = 20) -> dict:
+    def list_jobs(request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> dict:
         wanted = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
-        jobs = [known_job(j["id"]) for j in store.list_jobs()]
-        jobs = [j for j in jobs if all((j.get("metadata") or {}).get(k) == v for k, v in wanted.items())]
-        return page(jobs, after, limit)
+        return store_page(store.page_jobs, after=after, limit=limit, metadata=wanted)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}", dependencies=v1)
     def get_job(job_id: str) -> dict:
@@ -193,13 +230,7 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
         job = known_job(job_id)
         if job["status"] not in allowed:
             raise APIError(400, f"Cannot {want} a job that is {job['status']}", param="fine_tuning_job_id")
-        row = store.job_row(job_id)
-        if want == "cancel" and not row["pid"]:  # nothing is running it: cancel right here
-            store.update_job(job_id, status="cancelled", finished_at=now())
-            store.add_event(job_id, "Fine-tuning job cancelled")
-        else:  # the worker signals its child, which checkpoints and exits
-            store.set_job_control(job_id, want=want)
-        return store.get_job(job_id)
+        return store.request_control(job_id, want)  # cancelled now if no live worker holds the job
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=v1)
     def cancel(job_id: str) -> dict:
@@ -219,14 +250,14 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
         return store.update_job(job_id, status="queued")
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=v1)
-    def events(job_id: str, after: str | None = None, limit: int = 20) -> dict:
+    def events(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> dict:
         known_job(job_id)
-        return page(store.events(job_id), after, limit)
+        return store_page(store.page_events, job_id, after=after, limit=limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=v1)
-    def checkpoints(job_id: str, after: str | None = None, limit: int = 10) -> dict:
+    def checkpoints(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 10) -> dict:
         known_job(job_id)
-        return page(store.checkpoints(job_id), after, limit)
+        return store_page(store.page_checkpoints, job_id, after=after, limit=limit)
 
     # -- models and chat --------------------------------------------------------------------------
     def model_object(mid: str, created_at: int = 0, owner: str = "tunesmith") -> dict:
@@ -254,22 +285,18 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
             raise APIError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
         return {"id": model_id, "object": "model", "deleted": True}
 
-    @app.post("/v1/chat/completions", dependencies=v1)
-    async def chat(request: Request):
+    @app.post("/v1/chat/completions", dependencies=v1, max_body_size=MAX_JSON_BYTES)
+    async def chat(request: Request, body: ChatCompletionCreate):
+        if body.model not in bases and store.get_model(body.model) is None:
+            raise APIError(404, f"The model {body.model!r} does not exist", param="model", code="model_not_found")
         try:
-            body = await request.json()
-        except ValueError:
-            raise APIError(400, "The request body is not valid JSON") from None
-        model_id = body.get("model") if isinstance(body, dict) else None
-        if model_id not in bases and store.get_model(model_id or "") is None:
-            raise APIError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
-        try:
-            req = parse_chat_request(body)
+            req = parse_chat_request(body.model_dump(exclude_none=True))
+            gens = await chat_admit(engine, req)  # a prompt over the context is a 400 before any reply starts
+            if req.stream:  # closing the stream cancels its generation
+                return StreamingResponse(chat_stream(gens[0], req), media_type="text/event-stream")
+            return await chat_complete(gens, req, request.is_disconnected)
         except ChatRequestError as e:
-            raise APIError(400, e.message, param=e.param) from None
-        if req.stream:  # Starlette iterates a plain generator in its thread pool
-            return StreamingResponse(chat_stream(engine, req), media_type="text/event-stream")
-        return await run_in_threadpool(chat_complete, engine, req)  # generation must not block the event loop
+            raise APIError(e.status, e.message, param=e.param, code=e.code) from None
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -278,8 +305,37 @@ def create_app(data_dir: str | Path, api_keys: list[str], bases: dict[str, str],
     return app
 
 
-def api_keys_from(cli_keys: list[str] | None) -> list[str]:
-    keys = list(cli_keys or []) + [k for k in os.environ.get("TUNESMITH_API_KEYS", "").split(",") if k]
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: an address only this machine can reach."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() in LOOPBACK_NAMES
+
+
+def api_keys_from(cli_keys: list[str] | None, no_auth: bool = False, host: str = "127.0.0.1") -> list[str] | None:
+    """The accepted keys from --api-key and TUNESMITH_API_KEYS, or None with --no-auth (loopback hosts only).
+    An empty key is an error, never "no authentication"."""
+    env = os.environ.get("TUNESMITH_API_KEYS", "")
+    env_keys = env.split(",") if env.strip() else []
+    for source, keys in (("--api-key", cli_keys or []), ("TUNESMITH_API_KEYS", env_keys)):
+        for i, key in enumerate(keys):
+            if not key.strip():
+                where = f"key {i + 1} of TUNESMITH_API_KEYS={env!r}" if source == "TUNESMITH_API_KEYS" else f"--api-key {key!r}"
+                raise SystemExit(f"{where} is empty: an empty key would let anyone in. Give a real key, or run "
+                                 f"without keys with --no-auth (loopback addresses only)")
+    keys = [k.strip() for k in [*(cli_keys or []), *env_keys]]
+    if no_auth:
+        if keys:
+            raise SystemExit("--no-auth was given together with API keys (--api-key / TUNESMITH_API_KEYS): choose one")
+        if not is_loopback(host):
+            raise SystemExit(f"--no-auth is only allowed on a loopback address (127.0.0.1, ::1, localhost), not "
+                             f"--host {host}: anyone who can reach {host} could use the server. Pass --api-key KEY")
+        return None
     if not keys:
-        raise SystemExit("no API key: pass --api-key KEY (repeatable) or set TUNESMITH_API_KEYS=key1,key2")
+        raise SystemExit("no API key: pass --api-key KEY (repeatable) or set TUNESMITH_API_KEYS=key1,key2 "
+                         "(or --no-auth on a loopback address)")
     return keys

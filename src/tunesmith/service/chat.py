@@ -2,25 +2,32 @@
 server-sent events for streaming. Generation itself is the Engine's (inference.py)."""
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .inference import Engine, completion_id, created
+from starlette.concurrency import run_in_threadpool
+
+from .inference import ContextLengthError, Engine, completion_id, created
+from .scheduler import Generation
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class ChatRequestError(ValueError):
-    def __init__(self, message: str, param: str) -> None:
+    """A chat request that cannot be answered, in OpenAI's error terms (400 unless `status` says otherwise)."""
+
+    def __init__(self, message: str, param: str | None, code: str | None = None, status: int = 400) -> None:
         super().__init__(message)
-        self.message, self.param = message, param
+        self.message, self.param, self.code, self.status = message, param, code, status
 
 
 @dataclass
 class ChatRequest:
     model: str
     messages: list[dict]
-    max_tokens: int
+    max_tokens: int | None  # None: up to DEFAULT_MAX_TOKENS, within what the context leaves
     temperature: float
     top_p: float
     stop: list[str]
@@ -28,10 +35,6 @@ class ChatRequest:
     n: int
     stream: bool
     include_usage: bool
-
-    def engine_args(self, choice: int = 0) -> tuple:
-        seed = None if self.seed is None else self.seed + choice  # n choices: different draws, reproducible
-        return (self.model, self.messages, self.max_tokens, self.temperature, self.top_p, self.stop, seed)
 
 
 def _number(body: dict, key: str, default, kind, low, high, low_open: bool = False):
@@ -75,20 +78,50 @@ def parse_chat_request(body: dict) -> ChatRequest:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ChatRequestError("Invalid type for 'seed': expected an integer", "seed")
-    return ChatRequest(model=body.get("model"), messages=clean, max_tokens=_number(body, key, 256, int, 1, 32768),
+    return ChatRequest(model=body.get("model"), messages=clean, max_tokens=_number(body, key, None, int, 1, 2**31 - 1),
                        temperature=_number(body, "temperature", 1.0, float, 0, 2),
                        top_p=_number(body, "top_p", 1.0, float, 0, 1, low_open=True), stop=stop, seed=seed, n=n,
                        stream=stream, include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
 
 
-def complete(engine: Engine, req: ChatRequest) -> dict:
-    """A whole chat.completion object (blocking: call it from a worker thread)."""
+async def admit(engine: Engine, req: ChatRequest) -> list[Generation]:
+    """Queue the request's generations (one per choice); a prompt over the model's context is a 400 here,
+    before any reply starts."""
+    seeds = [None if req.seed is None else req.seed + i for i in range(req.n)]  # n choices: different draws
+    try:
+        return await run_in_threadpool(engine.submit, req.model, req.messages, req.max_tokens, req.temperature,
+                                       req.top_p, req.stop, seeds, asyncio.get_running_loop())
+    except ContextLengthError as e:
+        raise ChatRequestError(e.message, e.param, e.code) from None
+
+
+async def complete(gens: list[Generation], req: ChatRequest, disconnected: Callable[[], Awaitable[bool]]) -> dict:
+    """A whole chat.completion object. If the client goes away first, every choice's generation is cancelled."""
+    async def one(gen: Generation) -> tuple[str, dict]:
+        text = ""
+        async for kind, value in gen.events():
+            if kind == "text":
+                text += value
+            elif kind == "done":
+                return text, value
+            else:
+                raise ChatRequestError(value, None, None, status=503)
+
+    async def watch() -> None:
+        while not await disconnected():
+            await asyncio.sleep(0.25)
+        for gen in gens:
+            gen.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(*(one(g) for g in gens))
+    finally:
+        watcher.cancel()
+        for gen in gens:
+            gen.cancel()  # no-op when finished; stops the others when one failed or the request was cancelled
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for i in range(req.n):
-        text, final = "", None
-        for piece, info in engine.complete(*req.engine_args(i)):
-            text += piece
-            final = info or final
+    for i, (text, final) in enumerate(results):
         choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                         "logprobs": None, "finish_reason": final["finish_reason"]})
         usage["prompt_tokens"] = final["usage"]["prompt_tokens"]  # the prompt is counted once, as OpenAI does
@@ -98,8 +131,9 @@ def complete(engine: Engine, req: ChatRequest) -> dict:
             "system_fingerprint": None, "choices": choices, "usage": usage}
 
 
-def stream(engine: Engine, req: ChatRequest):
-    """Server-sent events: a role chunk, content chunks, a finish chunk, optional usage, then [DONE]."""
+async def stream(gen: Generation, req: ChatRequest):
+    """Server-sent events: a role chunk, content chunks, a finish chunk, optional usage, then [DONE].
+    When the client disconnects, Starlette cancels this generator and the generation is cancelled with it."""
     cid, ts = completion_id(), created()
 
     def chunk(delta: dict | None, finish=None, usage=None) -> str:
@@ -109,12 +143,18 @@ def stream(engine: Engine, req: ChatRequest):
             obj["usage"] = usage
         return f"data: {json.dumps(obj)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
-    for piece, info in engine.complete(*req.engine_args()):
-        if piece:
-            yield chunk({"content": piece})
-        if info:
-            yield chunk({}, info["finish_reason"])
-            if req.include_usage:
-                yield chunk(None, usage=info["usage"])
-    yield "data: [DONE]\n\n"
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for kind, value in gen.events():
+            if kind == "text" and value:
+                yield chunk({"content": value})
+            elif kind == "done":
+                yield chunk({}, value["finish_reason"])
+                if req.include_usage:
+                    yield chunk(None, usage=value["usage"])
+            elif kind == "error":  # headers are sent: OpenAI's streams carry an error object, then end
+                yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+                return
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.cancel()  # the client went away (or the stream ended): stop generating at the next token

@@ -1,98 +1,159 @@
-"""Chat completions: one shared base model per base name, fine-tuned models attached as named LoRA adapters."""
+"""Chat completions: one shared base model per base name, fine-tuned models attached as named LoRA adapters.
+
+The Engine admits a request (tokenizes it and checks it against the model's context) and hands it to the
+Scheduler (scheduler.py), whose single thread owns the models and runs every generation. Each request's
+adapter is fixed when it is admitted; nothing another request does can change it.
+"""
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import torch
-
+from .scheduler import Generation, Scheduler
 from .store import Store, new_id
+
+DEFAULT_MAX_TOKENS = 256  # a reply's length when the request names no max_tokens (bounded by the context)
+MAX_GENERATION_S = float(os.environ.get("TUNESMITH_MAX_GENERATION_S", "120"))  # per request, then cut
+
+
+class ContextLengthError(ValueError):
+    """A prompt (plus the requested reply) longer than the model's context: OpenAI's context_length_exceeded."""
+
+    def __init__(self, context: int, prompt: int, completion: int | None) -> None:
+        if completion is None:
+            detail = f"your messages resulted in {prompt} tokens"
+            fix = "Please reduce the length of the messages."
+        else:
+            detail = (f"you requested {prompt + completion} tokens ({prompt} in the messages, {completion} in the "
+                      "completion)")
+            fix = "Please reduce the length of the messages or completion."
+        super().__init__(f"This model's maximum context length is {context} tokens. However, {detail}. {fix}")
+        self.message, self.param, self.code = str(self), "messages", "context_length_exceeded"
+
+
+@dataclass
+class Base:
+    """What admission needs of a base model, without loading it: its tokenizer and its context length."""
+    tokenizer: object
+    context: int | None
 
 
 class Engine:
-    def __init__(self, store: Store, bases: dict[str, str], device: str = "auto") -> None:
+    def __init__(self, store: Store, bases: dict[str, str], device: str = "auto",
+                 max_generation_s: float = MAX_GENERATION_S, max_batch: int = 16) -> None:
         from ..devices import resolve_device
         self.store, self.bases, self.device = store, bases, resolve_device(device)
-        self.loaded: dict[str, tuple] = {}  # base name -> (model, tokenizer)
-        self.lock = threading.Lock()  # one generation at a time per process: adapters are switched per request
+        self.max_generation_s, self.max_batch = max_generation_s, max_batch
+        self.info: dict[str, Base] = {}  # base name -> tokenizer and context (admission)
+        self.loaded: dict[str, object] = {}  # base name -> model (the scheduler thread only)
+        self.token_lock = threading.Lock()  # a tokenizer is not safe to call from two threads at once
+        self.info_lock = threading.Lock()
+        self.scheduler: Scheduler | None = None
 
-    def resolve(self, model_id: str) -> tuple[object, object, str | None]:
-        """(model, tokenizer, adapter name or None) for a base name or a fine-tuned model id."""
-        from ..adapters import adapter_configs, load_adapter
-        from ..models import load_model, load_tokenizer
+    # -- life cycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the generation thread. Called from the main thread (the app's startup), it also makes SIGTERM
+        and SIGINT cut running generations short, so the server's graceful shutdown does not wait on them."""
+        if self.scheduler is None:
+            self.scheduler = Scheduler(self._load, self.token_lock, self.max_batch)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous = signal.getsignal(sig)
+
+                def handler(signum, frame, previous=previous):
+                    self.stop()
+                    if callable(previous):
+                        previous(signum, frame)
+
+                signal.signal(sig, handler)
+
+    def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    # -- admission ----------------------------------------------------------------------------------
+    def base_of(self, model_id: str) -> tuple[str, str | None, dict | None]:
+        """(base name, adapter name or None, the fine-tuned model's row) for a base name or fine-tuned id."""
         row = None if model_id in self.bases else self.store.get_model(model_id)
         base = model_id if row is None else row["base"]
         if base not in self.bases:
             raise KeyError(model_id)
-        if base not in self.loaded:
-            model = load_model(self.bases[base], "causal_lm").eval().to(self.device)
-            self.loaded[base] = (model, load_tokenizer(self.bases[base]))
-        model, tok = self.loaded[base]
-        if row is None:
-            return model, tok, None
-        name = "ft_" + hashlib.sha1(model_id.encode()).hexdigest()[:12]
-        if name not in adapter_configs(model):
-            load_adapter(model, Path(row["path"]) / "adapter", name=name, activate=False)
-            model.to(self.device)  # the new adapter's weights
-        return model, tok, name
+        adapter = None if row is None else "ft_" + hashlib.sha1(model_id.encode()).hexdigest()[:12]
+        return base, adapter, row
 
-    def complete(self, model_id: str, messages: list[dict], max_tokens: int, temperature: float, top_p: float,
-                 stop: list[str], seed: int | None) -> Iterator[tuple[str, dict | None]]:
-        """Yield text pieces; the last item carries (finish_reason, usage)."""
-        from transformers import TextIteratorStreamer
-        from ..adapters import disable_adapters, set_active_adapters
+    def _base_info(self, base: str) -> Base:
+        with self.info_lock:
+            if base not in self.info:
+                from ..models import load_tokenizer
+                self.info[base] = Base(load_tokenizer(self.bases[base]), context_length(self.bases[base]))
+            return self.info[base]
+
+    def prompt_ids(self, model_id: str, messages: list[dict]) -> list[int]:
         from ..generate import chat_prompt_ids
-        with self.lock:
-            model, tok, adapter = self.resolve(model_id)
-            ids = chat_prompt_ids(tok, messages).to(self.device)
-            if seed is not None:
-                torch.manual_seed(seed)
-            streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-            kwargs = dict(max_new_tokens=max_tokens, attention_mask=torch.ones_like(ids), streamer=streamer,
-                          pad_token_id=tok.pad_token_id or tok.eos_token_id, do_sample=temperature > 0)
-            if temperature > 0:
-                kwargs.update(temperature=temperature, top_p=top_p)
-            out: dict = {}
+        info = self._base_info(self.base_of(model_id)[0])
+        with self.token_lock:
+            return chat_prompt_ids(info.tokenizer, messages)[0].tolist()
 
-            def run() -> None:
-                with torch.no_grad():
-                    if adapter is None:
-                        with disable_adapters(model):
-                            out["ids"] = model.generate(ids, **kwargs)
-                    else:
-                        set_active_adapters(model, adapter)
-                        out["ids"] = model.generate(ids, **kwargs)
+    def submit(self, model_id: str, messages: list[dict], max_tokens: int | None, temperature: float, top_p: float,
+               stop: list[str], seeds: list[int | None], loop: asyncio.AbstractEventLoop) -> list[Generation]:
+        """Admit a request: one Generation per seed (n choices), queued for the scheduler. Raises
+        ContextLengthError when the prompt, or the prompt plus an explicit max_tokens, exceeds the context.
+        Blocking (tokenizes, may load a tokenizer): call it from a worker thread."""
+        if self.scheduler is None:
+            self.start()
+        base, adapter, row = self.base_of(model_id)
+        context = self._base_info(base).context
+        ids = self.prompt_ids(model_id, messages)
+        if context is not None:
+            if len(ids) >= context:
+                raise ContextLengthError(context, len(ids), None)
+            if max_tokens is not None and len(ids) + max_tokens > context:
+                raise ContextLengthError(context, len(ids), max_tokens)
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_TOKENS if context is None else min(DEFAULT_MAX_TOKENS, context - len(ids))
+        path = None if row is None else str(Path(row["path"]) / "adapter")
+        gens = [Generation(base=base, adapter=adapter, adapter_path=path, prompt_ids=ids, max_tokens=max_tokens, temperature=temperature,
+                           top_p=top_p, stop=stop, seed=seed, time_limit_s=self.max_generation_s, loop=loop)
+                for seed in seeds]
+        for gen in gens:
+            self.scheduler.submit(gen)
+        return gens
 
-            thread = threading.Thread(target=run)
-            thread.start()
-            text, emitted, finish = "", 0, None
-            hold = max((len(s) for s in stop), default=1) - 1  # text that may still turn into a stop sequence
-            for piece in streamer:
-                text += piece
-                cut = _stop_at(text, stop)
-                if cut is not None:
-                    text, finish = cut, "stop"
-                    break
-                if len(text) - hold > emitted:
-                    yield text[emitted:len(text) - hold], None
-                    emitted = len(text) - hold
-            if len(text) > emitted:
-                yield text[emitted:], None
-            thread.join()
-            new_tokens = out["ids"].shape[1] - ids.shape[1]
-            if finish is None:
-                finish = "length" if new_tokens >= max_tokens else "stop"
-            completion = len(tok(text, add_special_tokens=False)["input_ids"]) if finish == "stop" and stop else new_tokens
-            yield "", {"finish_reason": finish, "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": completion,
-                                                          "total_tokens": ids.shape[1] + completion}}
+    # -- the scheduler thread's side ----------------------------------------------------------------
+    def _load(self, gen: Generation) -> tuple[object, object]:
+        """(model, tokenizer) for gen's base, with gen's adapter loaded (not activated). Scheduler thread only."""
+        from ..adapters import adapter_configs, load_adapter
+        from ..models import load_model
+        if gen.base not in self.loaded:
+            self.loaded[gen.base] = load_model(self.bases[gen.base], "causal_lm").eval().to(self.device)
+        model = self.loaded[gen.base]
+        if gen.adapter is not None and gen.adapter not in adapter_configs(model):
+            load_adapter(model, Path(gen.adapter_path), name=gen.adapter, activate=False)
+            model.to(self.device)  # the new adapter's weights
+        return model, self.info[gen.base].tokenizer
 
 
-def _stop_at(text: str, stop: list[str]) -> str | None:
-    hits = [text.index(s) for s in stop if s and s in text]
-    return text[: min(hits)] if hits else None
+def context_length(spec: str) -> int | None:
+    """The model's context in tokens, read from its config (None when it declares none)."""
+    from transformers import AutoConfig
+
+    from ..models import resolve_model
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_model(spec), local_files_only=True)
+    except (OSError, ValueError, KeyError):  # no readable config: only max_tokens bounds the work
+        return None
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def completion_id() -> str:

@@ -1,7 +1,12 @@
-"""One fine-tuning job, run in a child process (`python -m tunesmith.service.job JOB_ID DATA_DIR`).
+"""One fine-tuning job, run in a child process (`python -m tunesmith.service.job JOB_ID DATA_DIR [OWNER]`).
 
-It validates the files, maps OpenAI's hyperparameters onto a RunConfig, and calls the same `train()` that
-`tunesmith train` uses, reporting events, metrics and checkpoints to the store as it goes.
+The first time, it validates the files and writes the job's complete run config to jobs/<id>/job.yaml; every
+time (first start, resume after a pause or crash), it runs that file the way `tunesmith train job.yaml --resume`
+does (load_config, then train), reporting events, metrics and checkpoints to the store as it goes. So the
+service and the CLI train one way, and a job can be re-run by hand from its folder.
+
+Each step it checks the store: a cancel or pause request stops it (after a checkpoint), and a job another
+worker took over (this one's lease expired) makes it exit without writing anything more.
 """
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from .store import Store
+from .store import TERMINAL, Store
 
 MIN_EXAMPLES = 10
 AUTO = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 2.0}
+JOB_RUN_CONFIG = "job.yaml"  # in the job's folder: the complete run config the job trains with
 JOB_CONFIG = "job_config.yaml"  # in the data folder: the server's --job-config, read by every worker
 # How jobs train unless the server's --job-config says otherwise. training.lr is the rate at
 # learning_rate_multiplier = 1; epochs, batch size, seed and the files always come from the job itself.
@@ -103,31 +109,11 @@ def result_csv(metrics_path: Path) -> bytes:
     return out.getvalue().encode()
 
 
-def run(job_id: str, data_dir: str) -> int:
+def job_run_config(store: Store, job: dict, hp: dict):
+    """The job's complete RunConfig: the server's job config (or JOB_DEFAULTS) with the job's model, files
+    and hyperparameters set as values."""
     import yaml
     from ..config import config_from_dict, set_values
-    from ..train import StepEvent, train
-    store = Store(data_dir)
-    job, row = store.get_job(job_id), store.job_row(job_id)
-    resume = bool(row["resume"])
-    run_dir = store.dir / "jobs" / job_id
-    if not resume:
-        store.update_job(job_id, status="validating_files")
-        store.add_event(job_id, f"Validating training file: {job['training_file']}")
-        for field in ("training_file", "validation_file"):
-            if job.get(field):
-                error, _ = validate_file(store, job, field)
-                if error:
-                    store.update_job(job_id, status="failed", error=error, finished_at=_now())
-                    store.add_event(job_id, error["message"], level="error")
-                    return 1
-        store.add_event(job_id, "Files validated, moving job to queued state")
-        store.update_job(job_id, status="queued")
-    hp = resolve_hyperparameters(job)
-    method = dict(job["method"])
-    method["supervised"] = {"hyperparameters": hp}
-    store.update_job(job_id, status="running", hyperparameters=hp, method=method)
-    store.add_event(job_id, "Fine-tuning job started" if not resume else "Fine-tuning job resumed from its last checkpoint")
     base_spec = json.loads((store.dir / "bases.json").read_text()).get(job["model"], job["model"])
     server = store.dir / JOB_CONFIG
     defaults = job_defaults(yaml.safe_load(server.read_text()) if server.exists() else None)
@@ -135,59 +121,184 @@ def run(job_id: str, data_dir: str) -> int:
               "data.eval": str(store.file_path(job["validation_file"])) if job.get("validation_file") else None,
               "training.epochs": hp["n_epochs"], "training.batch_size": hp["batch_size"],
               "training.lr": float(defaults["training"]["lr"]) * float(hp["learning_rate_multiplier"]),
-              "training.seed": job["seed"], "output.dir": str(run_dir), "output.progress": False}
-    cfg = config_from_dict(set_values(defaults, values))  # values, never strings to re-parse
-    if resume and (run_dir / "config.yaml").exists():  # the settings it started with, even if the server's changed
-        from ..config import load_config
-        cfg = load_config(run_dir / "config.yaml")
-    base_name = job["model"].replace(":", "-")
+              "training.seed": job["seed"], "output.dir": str(store.dir / "jobs" / job["id"]), "output.progress": False}
+    return config_from_dict(set_values(defaults, values))  # values, never strings to re-parse
 
-    parent = os.getppid()
 
-    def on_step(event: StepEvent) -> None:
-        if os.getppid() != parent:  # the server died: stop; the restarted server resumes from the last checkpoint
-            os._exit(75)
-        step, total = event.step, event.total_steps
-        step_metrics = {"step": step, "train_loss": event.loss, "train_mean_token_accuracy": event.accuracy}
+def missing_file(store: Store, job: dict) -> dict | None:
+    """OpenAI's error object for a training/validation file deleted (row or bytes) since the job was created."""
+    for field in ("training_file", "validation_file"):
+        file_id = job.get(field)
+        if not file_id:
+            continue
+        try:
+            present = store.file_path(file_id).is_file()
+        except KeyError:
+            present = False
+        if not present:
+            what = field.replace("_", " ").capitalize()
+            return {"code": f"invalid_{field}", "param": field,
+                    "message": f"{what} {file_id} was not found: it was deleted after the job was created. Upload "
+                               "it again and create a new job with the new file id."}
+    return None
+
+
+def is_epoch_end(step: int, total_steps: int, n_epochs: int) -> bool:
+    """Whether optimizer step `step` (1-based) ends an epoch of a run of `total_steps` over `n_epochs`: exact
+    with no gradient accumulation (total = epochs x batches per epoch), within a step otherwise."""
+    return step * n_epochs // total_steps > (step - 1) * n_epochs // total_steps
+
+
+def stop_wanted(row: dict) -> bool:
+    """A cancel or pause was asked for, or the job was ended (cancelled) while nothing ran it."""
+    return row["want"] in ("cancel", "pause") or row["status"] in TERMINAL
+
+
+class Reporter:
+    """on_step for train(): metrics events, chat-able checkpoints at each epoch end and each saved training
+    checkpoint, and the per-step look at the store (lost lease: exit; cancel or pause: stop)."""
+
+    def __init__(self, store: Store, job: dict, owner: str | None, n_epochs: int) -> None:
+        self.store, self.job, self.owner, self.n_epochs = store, job, owner, n_epochs
+        self.run_dir = store.dir / "jobs" / job["id"]
+        self.parent = os.getppid()
+        self.last_metrics: dict | None = None
+
+    def still_ours(self, row: dict | None = None) -> bool:
+        if os.getppid() != self.parent:  # the worker died: another worker resumes the job once its lease expires
+            return False
+        row = row or self.store.job_row(self.job["id"])
+        return self.owner is None or row["owner"] == self.owner
+
+    def __call__(self, event) -> None:
+        row = self.store.job_row(self.job["id"])  # one read a step: who holds the job, and what is asked of it
+        if not self.still_ours(row):
+            os._exit(75)  # write nothing more: the job belongs to another worker now
+        job_id, step, total = self.job["id"], event.step, event.total_steps
+        metrics = {"step": step, "train_loss": event.loss, "train_mean_token_accuracy": event.accuracy}
         if event.eval:
-            step_metrics.update(valid_loss=event.eval["eval_loss"], valid_mean_token_accuracy=event.eval["eval_token_accuracy"])
-        store.add_event(job_id, f"Step {step}/{total}: training loss={event.loss:.4f}", type_="metrics",
-                        data={**step_metrics, "total_steps": total})
-        if event.checkpoint:  # like OpenAI's, a checkpoint is a model you can chat with
-            from ..adapters import save_adapter
-            name = f"{_model_name(job, base_name)}:ckpt-step-{step}"
-            folder = run_dir / "checkpoint-models" / f"step-{step}"
-            save_adapter(event.model, folder / "adapter", metadata={"task": "causal_lm", "step": str(step)})
-            store.add_model(name, job_id, job["model"], str(folder), job.get("organization_id", "user"))
-            store.add_checkpoint(job_id, step, step_metrics, name)
+            metrics.update(valid_loss=event.eval["eval_loss"], valid_mean_token_accuracy=event.eval["eval_token_accuracy"])
+        self.store.add_event(job_id, f"Step {step}/{total}: training loss={event.loss:.4f}", type_="metrics",
+                             data={**metrics, "total_steps": total})
+        self.last_metrics = metrics
+        if step < total and (event.checkpoint or is_epoch_end(step, total, self.n_epochs)):
+            self.save_checkpoint_model(event.model, step, metrics)  # the final one is the job's own model
+        if stop_wanted(row):  # after this step is recorded, so its checkpoint and its events agree
+            raise KeyboardInterrupt  # train() saves a checkpoint and re-raises; the worker records which
 
+    def save_checkpoint_model(self, model, step: int, metrics: dict) -> None:
+        """Like OpenAI's, a checkpoint is a model you can chat with: `ft:...:ckpt-step-N`."""
+        from ..adapters import save_adapter
+        folder = self.run_dir / "checkpoint-models" / f"step-{step}"
+        save_adapter(model, folder / "adapter", metadata={"task": "causal_lm", "step": str(step)})
+        self.add_checkpoint(step, metrics, folder)
+
+    def add_checkpoint(self, step: int, metrics: dict, folder: Path) -> None:
+        name = f"{_model_name(self.job)}:ckpt-step-{step}"
+        self.store.add_model(name, self.job["id"], self.job["model"], str(folder), self.job.get("organization_id", "user"))
+        self.store.add_checkpoint(self.job["id"], step, metrics, name)
+
+
+def fail(store: Store, job_id: str, error: dict, data: dict | None = None) -> int:
+    if store.finish_job(job_id, "failed", error=error) == "failed":
+        store.add_event(job_id, error["message"], level="error", data=data)
+    return 1
+
+
+def prepare(store: Store, job: dict) -> Path | None:
+    """First start: validate the files and write the job's run config; returns None if the job failed."""
+    job_id, path = job["id"], store.dir / "jobs" / job["id"] / JOB_RUN_CONFIG
+    store.update_job(job_id, status="validating_files")
+    store.add_event(job_id, f"Validating training file: {job['training_file']}")
+    for field in ("training_file", "validation_file"):
+        if job.get(field):
+            error, _ = validate_file(store, job, field)
+            if error:
+                fail(store, job_id, error)
+                return None
+    store.add_event(job_id, "Files validated, moving job to queued state")
+    store.update_job(job_id, status="queued")
+    from ..config import dump_config
+    from ..io import atomic_write_text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, dump_config(job_run_config(store, job, resolve_hyperparameters(job))))
+    return path
+
+
+def train_job(store: Store, job: dict, config_path: Path, reporter: Reporter) -> dict:
+    """`tunesmith train job.yaml --resume`, reporting to the store: resumes from the last checkpoint when there
+    is one (dropping the events and checkpoints of the steps it will redo); a run that already finished
+    (the job crashed while recording it) is not trained again."""
+    from ..config import load_config
+    from ..train import train
+    from ..train.checkpoint import latest_checkpoint
+    run_dir = config_path.parent
+    if (run_dir / "summary.json").exists():
+        return json.loads((run_dir / "summary.json").read_text())
+    checkpoint = latest_checkpoint(run_dir)
+    store.rewind_job(job["id"], int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+    return train(load_config(config_path), resume=True, on_step=reporter)
+
+
+def run(job_id: str, data_dir: str, owner: str | None = None) -> int:
+    """The job's whole life in this process; any failure becomes the job's error (it fails once, never loops)."""
+    store = Store(data_dir)
+    job = store.get_job(job_id)
     try:
-        result = train(cfg, resume=resume, on_step=on_step, log=lambda *_: None)
+        return _run(store, job, owner)
     except KeyboardInterrupt:
         return 130  # paused or cancelled: the worker records which
-    except Exception as e:  # noqa: BLE001 - any failure becomes the job's error, never a silent stop
-        store.update_job(job_id, status="failed", finished_at=_now(),
-                         error={"code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None})
-        store.add_event(job_id, f"Training failed: {e}", level="error", data={"traceback": traceback.format_exc()[-2000:]})
+    except Exception as e:  # noqa: BLE001 - any failure becomes the job's error, never a silent stop or a retry
+        return fail(store, job_id, {"code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None},
+                    {"traceback": traceback.format_exc()[-2000:]})
+
+
+def _run(store: Store, job: dict, owner: str | None) -> int:
+    job_id = job["id"]
+    error = missing_file(store, job)
+    if error:
+        return fail(store, job_id, error)
+    hp = resolve_hyperparameters(job)
+    reporter = Reporter(store, job, owner, hp["n_epochs"])
+    config_path = store.dir / "jobs" / job_id / JOB_RUN_CONFIG
+    resumed = config_path.exists()
+    if not resumed and prepare(store, job) is None:
         return 1
-    model_id = _model_name(job, base_name)
+    if stop_wanted(store.job_row(job_id)):
+        return 130
+    store.update_job(job_id, status="running", hyperparameters=hp, method={**job["method"], "supervised": {"hyperparameters": hp}})
+    store.add_event(job_id, "Fine-tuning job resumed from its last checkpoint" if resumed else "Fine-tuning job started")
+    result = train_job(store, job, config_path, reporter)
+    if not reporter.still_ours():
+        return 75
+    return succeed(store, job, result, reporter)
+
+
+def succeed(store: Store, job: dict, result: dict, reporter: Reporter) -> int:
+    """The final checkpoint (the job's model itself), the result file, the model, and 'succeeded' — unless a
+    cancel came first."""
+    job_id, run_dir = job["id"], store.dir / "jobs" / job["id"]
+    step = result["steps"]
+    if not any(c["step_number"] == step for c in store.checkpoints(job_id)):
+        metrics = reporter.last_metrics if (reporter.last_metrics or {}).get("step") == step else \
+            {"step": step, "train_loss": result.get("final_loss")}
+        reporter.add_checkpoint(step, metrics, run_dir)
+    model_id = _model_name(job)
     results = store.add_file(f"step_metrics_{job_id}.csv", "fine-tune-results", result_csv(run_dir / "metrics.jsonl"))
     store.add_model(model_id, job_id, job["model"], str(run_dir), job.get("organization_id", "user"))
-    store.add_event(job_id, f"New fine-tuned model created: {model_id}")
-    store.update_job(job_id, status="succeeded", fine_tuned_model=model_id, finished_at=_now(),
-                     result_files=[results["id"]], trained_tokens=result.get("trained_tokens"))
-    store.add_event(job_id, "Fine tuning job successfully completed")  # OpenAI's wording
+    status = store.finish_job(job_id, "succeeded", events=[f"New fine-tuned model created: {model_id}",
+                                                            "Fine tuning job successfully completed"],  # OpenAI's wording
+                              fine_tuned_model=model_id, result_files=[results["id"]],
+                              trained_tokens=result.get("trained_tokens"))
+    if status != "succeeded":
+        store.delete_model(model_id)
     return 0
 
 
-def _model_name(job: dict, base: str) -> str:
+def _model_name(job: dict) -> str:
+    base = job["model"].replace(":", "-")
     return f"ft:{base}:{job.get('organization_id', 'user')}:{job.get('suffix') or ''}:{job['id'][-8:]}"
 
 
-def _now() -> int:
-    import time
-    return int(time.time())
-
-
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1], sys.argv[2]))
+    sys.exit(run(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))

@@ -1,15 +1,34 @@
-"""The job worker: claims queued jobs one at a time and runs each in a child process (a crashing job never
-takes the server down). Cancel and pause signal the child; Ctrl-C semantics make it checkpoint first."""
+"""The job worker: claims jobs with a lease and runs each in a child process (a crashing job never takes the
+server down).
+
+While the child runs, the worker renews the job's lease (its heartbeat). A worker that dies stops renewing, so
+the lease expires and any worker may take the job over; the child resumes from its last checkpoint. The child
+checks the job at every step: a cancel or pause stops it after a checkpoint, and a job taken over by another
+worker makes it exit. A child that exits without finishing its job fails the job once; nothing is retried in
+a loop.
+"""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
+from pathlib import Path
 
-from .store import Store, now
+from .store import TERMINAL, Store
+
+LEASE_S = float(os.environ.get("TUNESMITH_JOB_LEASE_S", "30"))  # how long a job stays a dead worker's
+SIGNAL_AFTER_S = 5.0  # a cancel or pause the child has not acted on by then (a long step or eval) gets SIGINT
+
+
+def worker_name() -> str:
+    """NODE:PID:RANDOM. NODE is $TUNESMITH_NODE or the host name: workers on one node can tell a dead peer."""
+    return f"{os.environ.get('TUNESMITH_NODE') or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def _alive(pid: int | None) -> bool:
@@ -25,54 +44,103 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
-def recover(store: Store) -> None:
-    """After a restart: a job left 'running' by a dead worker resumes from its last checkpoint."""
-    with store.connect() as db:
-        rows = db.execute("SELECT id, pid FROM jobs WHERE pid IS NOT NULL").fetchall()
-    for r in rows:
-        if not _alive(r["pid"]):
-            started = (store.dir / "jobs" / r["id"] / "config.yaml").exists()
-            store.set_job_control(r["id"], resume=1 if started else 0, pid=None, want=None)
-            store.update_job(r["id"], status="queued" if started else "validating_files")
-            store.add_event(r["id"], "The server restarted while this job ran; it is queued again and will resume "
-                                     "from its last checkpoint", level="warn")
+def _is_job_process(pid: int, job_id: str) -> bool:
+    """Whether `pid` is still the training process of `job_id` (not a recycled pid); False where unknowable."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"tunesmith.service.job" in cmdline and job_id.encode() in cmdline
 
 
-def run_one(store: Store, row: dict, poll: float = 0.2) -> None:
-    job_id = row["id"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log = open(store.dir / "jobs" / f"{job_id}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.service.job", job_id, str(store.dir)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    store.set_job_control(job_id, pid=proc.pid)
-    signalled = None
-    while proc.poll() is None:
-        want = (store.job_row(job_id) or {}).get("want")
-        if want in ("cancel", "pause") and signalled is None:
-            proc.send_signal(signal.SIGINT)  # the loop saves a checkpoint, then exits
-            signalled = want
-        time.sleep(poll)
-    log.close()
-    store.set_job_control(job_id, pid=None)
-    if signalled == "cancel":
-        store.set_job_control(job_id, want=None, pid=None)
-        store.update_job(job_id, status="cancelled", finished_at=now())
-        store.add_event(job_id, "Fine-tuning job cancelled")
-    elif signalled == "pause":
-        store.set_job_control(job_id, want=None, pid=None, resume=1)
-        store.update_job(job_id, status="paused")
-        store.add_event(job_id, "Fine-tuning job paused; a checkpoint was saved")
-    elif store.get_job(job_id)["status"] == "running":  # the child died without reporting
-        store.update_job(job_id, status="failed", finished_at=now(), error={
-            "code": "worker_crashed", "param": None,
-            "message": f"the training process exited with code {proc.returncode}; see jobs/{job_id}.log"})
-
-
-def work_forever(store: Store, stop: threading.Event | None = None, poll: float = 0.3) -> None:
-    recover(store)
-    while stop is None or not stop.is_set():
-        row = store.claim_next_job(os.getpid())
-        if row is None:
-            time.sleep(poll)
+def reclaim_from_dead_workers(store: Store) -> None:
+    """Jobs held by a worker on this node whose process is gone: stop the orphaned training process and expire
+    the lease now, instead of waiting for it to run out (a restarted server resumes its job at once)."""
+    node = os.environ.get("TUNESMITH_NODE") or socket.gethostname()
+    for row in store.held_jobs():
+        owner_node, _, rest = (row["owner"] or "").partition(":")
+        owner_pid = rest.partition(":")[0]
+        if owner_node != node or not owner_pid.isdigit() or _alive(int(owner_pid)):
             continue
-        run_one(store, row)
+        if row["pid"] and _is_job_process(row["pid"], row["id"]):
+            os.kill(row["pid"], signal.SIGKILL)  # checkpoints are atomic; a resumed run redoes the lost steps
+            for _ in range(50):
+                if not _alive(row["pid"]):
+                    break
+                time.sleep(0.1)
+        store.set_job_control(row["id"], lease_until=0)
+
+
+recover = reclaim_from_dead_workers  # the name the server used before leases
+
+
+def run_one(store: Store, row: dict, owner: str, lease_s: float = LEASE_S, poll: float = 0.2) -> None:
+    """Run the claimed job `row` to its end (or until this worker loses its lease), renewing the lease."""
+    job_id = row["id"]
+    if row["want"] in ("cancel", "pause"):  # asked while no worker held it
+        _settle(store, job_id, owner, row["want"])
+        return
+    if row["status"] == "running":
+        store.add_event(job_id, "The server restarted or the worker running this job stopped; another worker took "
+                                "it over and resumes it from its last checkpoint", level="warn")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    with open(store.dir / "jobs" / f"{job_id}.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tunesmith.service.job", job_id, str(store.dir), owner],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    store.set_job_control(job_id, pid=proc.pid)
+    renewed, wanted_since, signalled = time.monotonic(), None, False
+    while proc.poll() is None:
+        time.sleep(poll)
+        try:
+            if time.monotonic() - renewed > lease_s / 3:
+                if not store.renew_lease(job_id, owner, lease_s):  # another worker holds it now
+                    proc.kill()
+                    proc.wait()
+                    return
+                renewed = time.monotonic()
+            want = store.job_row(job_id)["want"]
+        except Exception:  # noqa: BLE001 - a busy database: try again at the next poll, the lease has slack
+            continue
+        wanted_since = (wanted_since or time.monotonic()) if want in ("cancel", "pause") else None
+        if wanted_since and not signalled and time.monotonic() - wanted_since > SIGNAL_AFTER_S:
+            proc.send_signal(signal.SIGINT)  # the loop saves a checkpoint, then exits
+            signalled = True
+    row = store.job_row(job_id)
+    if row["owner"] != owner:
+        return  # taken over while the child ran, or already finished by it
+    if row["status"] in TERMINAL:
+        store.release_job(job_id, owner)
+    elif row["want"] in ("cancel", "pause"):
+        _settle(store, job_id, owner, row["want"])
+    else:  # the child died without recording an outcome: fail once, never claim it again in a loop
+        store.finish_job(job_id, "failed", events=[f"The training process exited with code {proc.returncode}"],
+                         error={"code": "worker_crashed", "param": None, "message":
+                                f"the training process exited with code {proc.returncode}; see jobs/{job_id}.log"})
+
+
+def _settle(store: Store, job_id: str, owner: str, want: str) -> None:
+    if want == "cancel":
+        store.finish_job(job_id, "cancelled")
+        return
+    store.set_job_control(job_id, want=None, resume=1)
+    store.update_job(job_id, status="paused")
+    store.add_event(job_id, "Fine-tuning job paused; a checkpoint was saved")
+    store.release_job(job_id, owner)
+
+
+def work_forever(store: Store, stop: threading.Event | None = None, poll: float = 0.3,
+                 lease_s: float | None = None) -> None:
+    """Claim and run jobs until `stop` is set. lease_s: how long a claimed job stays this worker's without a
+    heartbeat (default $TUNESMITH_JOB_LEASE_S or 30 s)."""
+    owner, lease_s = worker_name(), lease_s or LEASE_S
+    while stop is None or not stop.is_set():
+        try:
+            reclaim_from_dead_workers(store)
+            row = store.claim_next_job(owner, lease_s)
+            if row is None:
+                time.sleep(poll)
+                continue
+            run_one(store, row, owner, lease_s)
+        except Exception:  # noqa: BLE001 - the worker outlives any one job's trouble; the lease covers the job
+            traceback.print_exc()
+            time.sleep(poll)
