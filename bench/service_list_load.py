@@ -1,13 +1,15 @@
 """Load test of the service's read side: a store of 1,000 jobs, a real uvicorn server on loopback, N concurrent
 clients listing and retrieving for a bounded time. Prints p50/p99 latency per request kind and the errors.
 
-    python bench/service_list_load.py [--jobs 1000] [--clients 50] [--seconds 20] [--think-ms 0]
+    python bench/service_list_load.py [--jobs 1000] [--clients 50] [--seconds 20] [--think-ms 0] [--wrk]
 
 Target (issue 12): p99 < 100 ms and zero errors with 1,000 jobs and 50 clients. The server runs without a
 worker (nothing trains); each client is a thread with one keep-alive connection, picking a request kind at
 random: list jobs, retrieve a job, list a job's events, list its checkpoints, list files. With --think-ms 0
 (the default) each client sends its next request as soon as the last is answered (a closed loop: latency is
-then 50 / throughput); a think time stands for clients that poll.
+then 50 / throughput); a think time stands for clients that poll. Python client threads share the GIL
+and the 2 cores with the server, so their latency includes their own queueing: `--wrk` drives the same
+request mix with wrk (Debian's `wrk`, 50 connections from one C thread) for the server's own latency.
 """
 from __future__ import annotations
 
@@ -110,6 +112,28 @@ def client(port: int, job_ids: list[str], until: float, seed: int, out: list, er
     conn.close()
 
 
+WRK_SCRIPT = """
+paths = {}
+for line in io.lines(os.getenv("WRK_PATHS")) do paths[#paths + 1] = line end
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("WRK_KEY")
+request = function() return wrk.format("GET", paths[math.random(#paths)]) end
+"""
+
+
+def run_wrk(port: int, job_ids: list[str], clients: int, seconds: float, tmp: Path) -> None:
+    """The same request mix through wrk; prints wrk's latency distribution (p50 ... p99) and errors."""
+    import shutil
+    if not shutil.which("wrk"):
+        raise SystemExit("--wrk needs wrk (apt-get install wrk)")
+    rng = random.Random(0)
+    (tmp / "paths.txt").write_text("".join(paths(job_ids, rng)[1] + "\n" for _ in range(5000)))
+    (tmp / "mix.lua").write_text(WRK_SCRIPT)
+    env = dict(os.environ, WRK_PATHS=str(tmp / "paths.txt"), WRK_KEY=KEY)
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s", str(tmp / "mix.lua"),
+                          f"http://127.0.0.1:{port}"], env=env, capture_output=True, text=True).stdout
+    print(out)
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -120,12 +144,19 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--think-ms", type=float, default=0.0, help="mean pause between a client's requests")
+    ap.add_argument("--wrk", action="store_true", help="drive the load with wrk instead of Python threads")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         job_ids = fill_store(data, args.jobs)
         port = free_port()
         server = start_server(data, port)
+        if args.wrk:
+            try:
+                return run_wrk(port, job_ids, args.clients, args.seconds, Path(tmp))
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
         try:
             latencies: list[tuple[str, float]] = []
             errors: list[str] = []

@@ -117,7 +117,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
                  else APIError(e.status_code, str(e.detail)))
         return JSONResponse(error.body(), status_code=error.status, headers=e.headers)
 
-    def auth(request: Request) -> None:
+    async def auth(request: Request) -> None:  # async: no thread-pool hop for every request
         if api_keys is None:  # --no-auth, loopback only (checked by api_keys_from)
             return
         header = request.headers.get("authorization", "")
@@ -153,7 +153,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         return file_object(store.add_file(name, form.purpose, form.file.file.read()))
 
     @app.get("/v1/files", dependencies=v1)
-    def list_files(after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_FILES_PAGE)] = MAX_FILES_PAGE,
+    async def list_files(after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_FILES_PAGE)] = MAX_FILES_PAGE,
                    purpose: str | None = None, order: Literal["asc", "desc"] = "desc") -> dict:
         listed = store_page(store.page_files, after=after, limit=limit, purpose=purpose, order=order)
         return {**listed, "data": [file_object(f) for f in listed["data"]]}
@@ -165,7 +165,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         return f
 
     @app.get("/v1/files/{file_id}", dependencies=v1)
-    def get_file(file_id: str) -> dict:
+    async def get_file(file_id: str) -> dict:
         return file_object(known_file(file_id))
 
     @app.get("/v1/files/{file_id}/content", dependencies=v1)
@@ -218,12 +218,12 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         return job
 
     @app.get("/v1/fine_tuning/jobs", dependencies=v1)
-    def list_jobs(request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> dict:
+    async def list_jobs(request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> dict:
         wanted = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
         return store_page(store.page_jobs, after=after, limit=limit, metadata=wanted)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}", dependencies=v1)
-    def get_job(job_id: str) -> dict:
+    async def get_job(job_id: str) -> dict:
         return known_job(job_id)
 
     def control(job_id: str, want: str, allowed: tuple[str, ...]) -> dict:
@@ -250,12 +250,12 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         return store.update_job(job_id, status="queued")
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=v1)
-    def events(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> dict:
+    async def events(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> dict:
         known_job(job_id)
         return store_page(store.page_events, job_id, after=after, limit=limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=v1)
-    def checkpoints(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 10) -> dict:
+    async def checkpoints(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 10) -> dict:
         known_job(job_id)
         return store_page(store.page_checkpoints, job_id, after=after, limit=limit)
 
@@ -264,12 +264,12 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         return {"id": mid, "object": "model", "created": created_at, "owned_by": owner}
 
     @app.get("/v1/models", dependencies=v1)
-    def list_models() -> dict:
+    async def list_models() -> dict:
         data = [model_object(b) for b in bases] + [model_object(m["id"], m["created"], m["owned_by"]) for m in store.list_models()]
         return {"object": "list", "data": data, "has_more": False}
 
     @app.get("/v1/models/{model_id:path}", dependencies=v1)
-    def get_model(model_id: str) -> dict:
+    async def get_model(model_id: str) -> dict:
         if model_id in bases:
             return model_object(model_id)
         m = store.get_model(model_id)
