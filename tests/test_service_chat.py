@@ -298,3 +298,66 @@ def test_mixed_batches_equal_one_adapter_at_a_time(lm_dir, tmp_path):
                 set_active_adapters(model, name)
                 alone.append(model(ids[i:i + 1]).logits)
     torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+# ---- found in review: a batch's failure or width must not leave a request waiting forever ------------------
+
+def _scheduler_events(load, rows: list[tuple[int, int]], context: int | None = None, timeout: float = 20.0) -> list:
+    """Run `rows` (prompt length, max_tokens) through a Scheduler in one go; each row's last event (a row that
+    never gets one times out)."""
+    import asyncio
+    import threading
+    from tunesmith.service.scheduler import Generation, Scheduler
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = Scheduler(load, threading.Lock())
+        gens = [Generation(base="b", adapter=None, adapter_path=None, prompt_ids=[3] * n, max_tokens=k, temperature=0,
+                           top_p=1, stop=[], seed=None, time_limit_s=60, loop=loop, context=context) for n, k in rows]
+        with s.wake:
+            s.pending += gens
+            s.wake.notify()
+
+        async def last(g):
+            return [e async for e in g.events()][-1][0]
+        out = [await asyncio.wait_for(last(g), timeout) for g in gens]
+        s.stop()
+        return out
+    return asyncio.run(main())
+
+
+class _Tok:
+    pad_token_id, eos_token_id = 0, None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "x" * len(ids)
+
+
+def test_a_failed_batch_answers_every_row_even_those_that_had_finished():
+    import torch
+    from torch import nn
+
+    class Failing(nn.Module):  # row 0 ends (EOS) first, then the batch fails (say, out of GPU memory)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(1, 1)
+            self.generation_config = type("G", (), {"eos_token_id": 2})()
+
+        def generate(self, ids, streamer, stopping_criteria, **kw):
+            streamer.put(ids)
+            streamer.put(torch.tensor([2, 5]))
+            raise RuntimeError("out of memory (simulated)")
+
+    model, tok = Failing(), _Tok()
+    tok.eos_token_id = 2
+    assert _scheduler_events(lambda g: (model, tok), [(2, 10), (2, 10)], timeout=5) == ["error", "error"]
+
+
+def test_a_batch_never_outgrows_the_context():
+    """Two requests that each fit a 32-token context overflowed it together (prompt width + largest max_tokens)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=50)).eval()
+    model.generation_config.eos_token_id = None
+    assert _scheduler_events(lambda g: (model, _Tok()), [(28, 4), (2, 20)], context=32) == ["done", "done"]

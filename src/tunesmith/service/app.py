@@ -264,7 +264,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         return {"id": mid, "object": "model", "created": created_at, "owned_by": owner}
 
     @app.get("/v1/models", dependencies=v1)
-    async def list_models() -> dict:
+    def list_models() -> dict:
         data = [model_object(b) for b in bases] + [model_object(m["id"], m["created"], m["owned_by"]) for m in store.list_models()]
         return {"object": "list", "data": data, "has_more": False}
 

@@ -93,6 +93,9 @@ async def admit(engine: Engine, req: ChatRequest) -> list[Generation]:
                                        req.top_p, req.stop, seeds, asyncio.get_running_loop())
     except ContextLengthError as e:
         raise ChatRequestError(e.message, e.param, e.code) from None
+    except KeyError:  # a fine-tuned model whose base this server no longer offers, or deleted meanwhile
+        raise ChatRequestError(f"The model '{req.model}' does not exist or its base model is not served here",
+                               "model", "model_not_found", status=404) from None
 
 
 async def complete(gens: list[Generation], req: ChatRequest, disconnected: Callable[[], Awaitable[bool]]) -> dict:

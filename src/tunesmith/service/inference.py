@@ -119,7 +119,8 @@ class Engine:
             max_tokens = DEFAULT_MAX_TOKENS if context is None else min(DEFAULT_MAX_TOKENS, context - len(ids))
         path = None if row is None else str(Path(row["path"]) / "adapter")
         gens = [Generation(base=base, adapter=adapter, adapter_path=path, prompt_ids=ids, max_tokens=max_tokens, temperature=temperature,
-                           top_p=top_p, stop=stop, seed=seed, time_limit_s=self.max_generation_s, loop=loop)
+                           top_p=top_p, stop=stop, seed=seed, time_limit_s=self.max_generation_s, loop=loop,
+                           context=context)
                 for seed in seeds]
         for gen in gens:
             self.scheduler.submit(gen)

@@ -42,6 +42,8 @@ class Generation:
     emitted: int = 0
     finish: str | None = None
     deadline: float = float("inf")
+    context: int | None = None  # the base model's context: a batch's prompt width plus new tokens must fit it
+    closed: bool = False  # its last event ("done" or "error") is sent
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +61,9 @@ class Generation:
                 return
 
     def push(self, kind: str, value) -> None:
+        if self.closed:
+            return
+        self.closed = kind != "text"
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
         except RuntimeError:  # the request's event loop is gone (server shutting down): nobody is listening
@@ -124,9 +129,11 @@ class Scheduler:
             try:
                 self._generate(batch)
             except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, never the thread
-                for gen in batch:
-                    if gen.finish is None:
-                        gen.finish = "error"
+                with self.wake:
+                    requeued = list(self.pending)
+                for gen in batch:  # every row that ran gets its last event, also rows that had finished
+                    if gen not in requeued:
+                        gen.finish = gen.finish or "error"
                         gen.push("error", f"Generation failed: {type(e).__name__}: {e}")
 
     def _take_batch(self) -> list[Generation]:
@@ -139,7 +146,13 @@ class Scheduler:
             self.pending = []
             return []
         if first.greedy:
-            batch = [g for g in live if g.greedy and g.base == first.base][: self.max_batch]
+            batch = []
+            for g in (g for g in live if g.greedy and g.base == first.base):
+                rows = [*batch, g]  # left-padded to the longest prompt, stepped to the largest max_tokens
+                if len(rows) > self.max_batch or (g.context is not None and max(len(r.prompt_ids) for r in rows)
+                                                  + max(r.max_tokens for r in rows) > g.context):
+                    continue  # it waits for a batch it fits in (alone it always fits: admission checked)
+                batch = rows
         else:
             batch = [first]
         self.pending = [g for g in live if g not in batch]
@@ -188,6 +201,8 @@ class Scheduler:
         if token in eos:
             g.finish = "stop"
             return
+        if len(g.ids) >= g.max_tokens:  # before the wait for a whole character: a row never runs past its limit
+            g.finish = "length"
         with self.token_lock:
             text = tok.decode(g.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest

@@ -86,7 +86,8 @@ def run_one(store: Store, row: dict, owner: str, lease_s: float = LEASE_S, poll:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     with open(store.dir / "jobs" / f"{job_id}.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tunesmith.service.job", job_id, str(store.dir), owner],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+                                stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # a Ctrl-C or SIGTERM to the server's group is not the job's
     store.set_job_control(job_id, pid=proc.pid)
     renewed, wanted_since, signalled = time.monotonic(), None, False
     while proc.poll() is None:
