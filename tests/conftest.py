@@ -119,6 +119,35 @@ def encoder_dir(tmp_path_factory):
     return path
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(*args: str, port: int, env: dict | None = None, output=None):
+    """A real `tunesmith serve ARGS --port PORT` process, returned once it accepts connections (its output goes
+    to a pipe unless `output` says otherwise; a server that exits while starting fails with that output)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", *args, "--port", str(port)],
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
+                            stdout=subprocess.PIPE if output is None else output, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else proc.returncode
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
 def write_jsonl(path, rows) -> str:
     import json
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -224,3 +224,25 @@ def test_generate_refuses_a_non_lm_run(tmp_path, encoder_dir):
                  f"output.dir={run}", "--quiet"]) == 0
     with pytest.raises(SystemExit, match="classification model, not a language model"):
         main(["generate", str(run), "--prompt", "hi"])
+
+
+@pytest.mark.parametrize("rows", [tagging_rows, regression_rows], ids=["token_classification", "regression"])
+def test_new_objectives_resume_exactly_after_a_crash(rows, tmp_path, encoder_dir):
+    """A crash mid-run (as kill -9 would leave it: the last checkpoint on disk) resumes to the same result."""
+    from tunesmith.config import load_config
+    from tunesmith.train import train
+    data = write_jsonl(tmp_path / "train.jsonl", rows(48, seed=1))
+    common = [f"model.name={encoder_dir}", f"data.train={data}", "data.eval_fraction=0.25", "training.max_steps=6",
+              "training.save_every=2", "training.batch_size=8", "head.dropout=0.1", "output.progress=false"]
+    full = train(load_config(None, common + [f"output.dir={tmp_path / 'full'}"]), log=lambda *_: None)
+
+    def crash(event):
+        if event.step == 5:
+            raise RuntimeError("simulated crash")
+
+    cfg = load_config(None, common + [f"output.dir={tmp_path / 'crash'}"])
+    with pytest.raises(RuntimeError):
+        train(cfg, on_step=crash, log=lambda *_: None)
+    resumed = train(cfg, resume=True, log=lambda *_: None)
+    assert {k: v for k, v in resumed.items() if k.startswith("eval_") or k.endswith("_loss")} == \
+        {k: v for k, v in full.items() if k.startswith("eval_") or k.endswith("_loss")}

@@ -4,39 +4,20 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import chat_rows
+from conftest import chat_rows, free_port, start_serve
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(data_dir, lm_dir, port, *extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--data", str(data_dir), "--port", str(port),
-                             "--api-key", KEY, "--model", f"tiny={lm_dir}", *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
+    return start_serve("--data", str(data_dir), "--api-key", KEY, "--model", f"tiny={lm_dir}", *extra, port=port)
 
 
 @pytest.fixture(scope="module")
@@ -272,19 +253,9 @@ def test_stop_sequences_and_upload_limit(client, tmp_path, lm_dir):
     assert cut.choices[0].message.content == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
     # a second server with a 1 KB upload limit refuses a bigger file with OpenAI's error shape
     port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--data", str(tmp_path / "small"), "--port",
-                             str(port), "--api-key", KEY, "--max-upload-mb", "0.001", "--no-worker"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_serve("--data", str(tmp_path / "small"), "--api-key", KEY, "--max-upload-mb", "0.001", "--no-worker",
+                       port=port, output=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.time() < deadline
-                time.sleep(0.1)
         small = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
         with pytest.raises(openai.APIStatusError) as e:
             upload(small, tmp_path, chat_rows(30), "big.jsonl")

@@ -7,44 +7,21 @@ import asyncio
 import concurrent.futures
 import http.client
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
-from conftest import perturb_adapters
+from conftest import free_port, perturb_adapters, start_serve
 
 KEY = "test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 PROMPTS = ["Tell me about cats", "Write a haiku about rain and the long evening sky", "Why?"]
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(data_dir, base_dir, port, env: dict | None = None):
-    import socket
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--data", str(data_dir), "--port", str(port),
-                             "--api-key", KEY, "--model", f"tiny={base_dir}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
+    return start_serve("--data", str(data_dir), "--api-key", KEY, "--model", f"tiny={base_dir}", port=port, env=env)
 
 
 def post(port: int, body: dict, timeout: float = 120) -> tuple[int, dict]:

@@ -8,12 +8,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
-from conftest import chat_rows
+from conftest import chat_rows, start_serve
 from test_service import KEY, free_port, start_server
 
 UPLOAD_MB = 0.01
@@ -111,18 +110,8 @@ def test_serve_refuses_an_empty_key_and_no_auth_on_a_public_address(tmp_path):
 
 def test_no_auth_serves_a_loopback_address_without_a_key(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--data", str(tmp_path), "--no-worker",
-                             "--port", str(port), "--no-auth"], env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = start_serve("--data", str(tmp_path), "--no-worker", "--no-auth", port=port)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
-                time.sleep(0.1)
         status, models = call({"base": f"http://127.0.0.1:{port}/v1"}, "GET", "/models", key=None)
         assert status == 200 and models["object"] == "list"
     finally:
