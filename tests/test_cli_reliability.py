@@ -321,3 +321,18 @@ def test_every_adapter_kind_trains_end_to_end(kind, tmp_path, lm_dir):
                                  f"adapter.kind={kind}", f"adapter.targets={targets}", *extra, "training.max_steps=2",
                                  f"output.dir={tmp_path / 'run'}", "output.progress=false"]), **QUIET)
     assert s["steps"] == 2 and load_run(tmp_path / "run").model is not None
+
+
+def test_resume_past_the_new_max_steps_says_so(tmp_path, encoder_dir):
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(40))
+
+    def stop(event):
+        if event.step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cls_config(encoder_dir, data, tmp_path / "run", "training.max_steps=8", "training.save_every=2"),
+              on_step=stop, **QUIET)
+    said = []
+    s = train(cls_config(encoder_dir, data, tmp_path / "run", "training.max_steps=2"), resume=True, log=said.append)
+    assert s["steps"] == 4 and any("already past the 2 steps" in m for m in said)

@@ -243,6 +243,9 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
     if checkpoint is not None:
         state = TrainState.from_dict(load_checkpoint(checkpoint, model, opt, sched))
         log(f"resumed from {checkpoint} (step {state.step} of {total_steps})")
+        if state.step > total_steps:  # e.g. resumed with a smaller training.max_steps
+            log(f"the checkpoint is already past the {total_steps} steps asked for now: the run finishes at step "
+                f"{state.step} without training further")
     metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step if checkpoint else -1)
     return Run(cfg, run_dir, device, model, built.tokenizer, built.data, built.objective, built.info, opt, sched,
                metrics, params, total_steps, batches_per_epoch, getattr(built.tokenizer, "pad_token_id", None) or 0,
