@@ -336,3 +336,13 @@ def test_resume_past_the_new_max_steps_says_so(tmp_path, encoder_dir):
     said = []
     s = train(cls_config(encoder_dir, data, tmp_path / "run", "training.max_steps=2"), resume=True, log=said.append)
     assert s["steps"] == 4 and any("already past the 2 steps" in m for m in said)
+
+
+def test_epoch_end_steps_are_exact_with_gradient_accumulation(tmp_path, encoder_dir):
+    """3 micro-batches an epoch, 2 per step, 3 epochs: epochs end at steps 2, 3 and 5 (the service saved its
+    epoch checkpoints at 2, 4 and 5, estimating epochs from the step count)."""
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(6))
+    seen = []
+    train(cls_config(encoder_dir, data, tmp_path / "run", "data.eval_fraction=0", "training.batch_size=2",
+                     "training.grad_accum=2", "training.epochs=3", "training.max_steps=null"), on_step=lambda e: seen.append(e.epoch_end), **QUIET)
+    assert [step for step, end in enumerate(seen, start=1) if end] == [2, 3, 5]

@@ -284,3 +284,27 @@ def test_lists_are_one_query_per_page(tmp_path, monkeypatch):
     for job_id in jobs:
         store.get_job(job_id)
     assert time.perf_counter() - start < 1.0, "a thousand retrievals reuse one connection"
+
+
+def test_a_worker_never_reclaims_a_job_of_a_same_named_host_in_another_container(tmp_path, monkeypatch):
+    """Two containers with one host name: each sees the other's worker pid as dead. A job is reclaimed only
+    from a dead worker of this node (same host name and process-id namespace)."""
+    import socket
+    import time as _time
+
+    from tunesmith.service.worker import node_name, reclaim_from_dead_workers, worker_name
+    monkeypatch.delenv("TUNESMITH_NODE", raising=False)
+    namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    assert node_name() == f"{socket.gethostname()}.pidns{namespace}"  # was the host name alone
+    assert worker_name().startswith(node_name() + f":{os.getpid()}:")
+    store = Store(tmp_path / "data")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owners = {"ftjob-other": f"{socket.gethostname()}.pidns1:{dead.pid}:abc",  # the other container's worker
+              "ftjob-ours": f"{node_name()}:{dead.pid}:abc"}  # a worker of this node that died
+    for job_id, owner in owners.items():
+        store.add_job({"id": job_id, "created_at": int(_time.time()), "status": "running"})
+        store.set_job_control(job_id, owner=owner, lease_until=_time.time() + 600)
+    reclaim_from_dead_workers(store)
+    assert store.job_row("ftjob-other")["lease_until"] > _time.time()  # still the other container's
+    assert store.job_row("ftjob-ours")["lease_until"] == 0  # free for any worker at once

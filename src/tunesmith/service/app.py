@@ -22,7 +22,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .chat import ChatRequestError, admit as chat_admit, complete as chat_complete, parse_chat_request, stream as chat_stream
+from .chat import ChatRequestError, admit as chat_admit, chat_request, complete as chat_complete, stream as chat_stream
 from .inference import Engine
 from .schemas import (
     APIError,
@@ -88,7 +88,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
     app.add_middleware(DeclaredLengthLimit, upload_bytes=upload_bytes)
     app.state.store, app.state.stop = store, threading.Event()
-    app.router.add_event_handler("startup", engine.start)  # the generation thread; SIGTERM cuts generations short
+    app.router.add_event_handler("startup", engine.start)  # the inference process; SIGTERM cuts generations short
     app.router.add_event_handler("shutdown", engine.stop)
 
     if start_worker:
@@ -290,7 +290,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         if body.model not in bases and store.get_model(body.model) is None:
             raise APIError(404, f"The model {body.model!r} does not exist", param="model", code="model_not_found")
         try:
-            req = parse_chat_request(body.model_dump(exclude_none=True))
+            req = chat_request(body)
             gens = await chat_admit(engine, req)  # a prompt over the context is a 400 before any reply starts
             if req.stream:  # closing the stream cancels its generation
                 return StreamingResponse(chat_stream(gens[0], req), media_type="text/event-stream")

@@ -1,5 +1,5 @@
-"""POST /v1/chat/completions: request validation (OpenAI's ranges and error shape), `n` choices, and
-server-sent events for streaming. Generation itself is the Engine's (inference.py)."""
+"""POST /v1/chat/completions: the validated request (schemas.py checks every type and range), `n` choices, and
+server-sent events for streaming. Generation itself runs in the inference process (inference.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from .inference import ContextLengthError, Engine, completion_id, created
-from .scheduler import Generation
-
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+from .inference_process import Reply
+from .schemas import ChatCompletionCreate
 
 
 class ChatRequestError(ValueError):
@@ -37,54 +36,27 @@ class ChatRequest:
     include_usage: bool
 
 
-def _number(body: dict, key: str, default, kind, low, high, low_open: bool = False):
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
-        raise ChatRequestError(f"Invalid type for '{key}': expected {'an integer' if kind is int else 'a number'}, "
-                               f"got {json.dumps(value)}", key)
-    if not (low < value if low_open else low <= value) or value > high:
-        raise ChatRequestError(f"Invalid '{key}': {value} is not in {'(' if low_open else '['}{low}, {high}]", key)
-    return kind(value)
-
-
-def parse_chat_request(body: dict) -> ChatRequest:
-    """Validate a chat completions body; errors name the parameter, as OpenAI's 400s do."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ChatRequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else None
-            raise ChatRequestError(f"Invalid value for 'messages[{i}].role': {role!r}; expected one of {', '.join(ROLES)}",
-                                   f"messages[{i}].role")
-        content = m.get("content") or ""
+def chat_request(body: ChatCompletionCreate) -> ChatRequest:
+    """What generation needs of a validated body: text messages (content parts joined, developer as system),
+    OpenAI's defaults filled in."""
+    messages = []
+    for m in body.messages:
+        content = m.content or ""
         if isinstance(content, list):  # content parts: the text ones are what a text model reads
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str):
-            raise ChatRequestError(f"Invalid type for 'messages[{i}].content': expected a string", f"messages[{i}].content")
-        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-        raise ChatRequestError("'stop' must be a string or a list of up to 4 strings", "stop")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    n = _number(body, "n", 1, int, 1, 8)
-    stream = bool(body.get("stream"))
+            content = "".join(p.text or "" for p in content if p.type == "text")
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    n, stream = body.n or 1, bool(body.stream)
     if stream and n > 1:
         raise ChatRequestError("'n' greater than 1 is not supported with 'stream' by this server", "n")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ChatRequestError("Invalid type for 'seed': expected an integer", "seed")
-    return ChatRequest(model=body.get("model"), messages=clean, max_tokens=_number(body, key, None, int, 1, 2**31 - 1),
-                       temperature=_number(body, "temperature", 1.0, float, 0, 2),
-                       top_p=_number(body, "top_p", 1.0, float, 0, 1, low_open=True), stop=stop, seed=seed, n=n,
-                       stream=stream, include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return ChatRequest(model=body.model, messages=messages,
+                       max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+                       temperature=1.0 if body.temperature is None else body.temperature,
+                       top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed, n=n, stream=stream,
+                       include_usage=bool(body.stream_options and body.stream_options.include_usage))
 
 
-async def admit(engine: Engine, req: ChatRequest) -> list[Generation]:
+async def admit(engine: Engine, req: ChatRequest) -> list[Reply]:
     """Queue the request's generations (one per choice); a prompt over the model's context is a 400 here,
     before any reply starts."""
     seeds = [None if req.seed is None else req.seed + i for i in range(req.n)]  # n choices: different draws
@@ -98,9 +70,9 @@ async def admit(engine: Engine, req: ChatRequest) -> list[Generation]:
                                "model", "model_not_found", status=404) from None
 
 
-async def complete(gens: list[Generation], req: ChatRequest, disconnected: Callable[[], Awaitable[bool]]) -> dict:
+async def complete(gens: list[Reply], req: ChatRequest, disconnected: Callable[[], Awaitable[bool]]) -> dict:
     """A whole chat.completion object. If the client goes away first, every choice's generation is cancelled."""
-    async def one(gen: Generation) -> tuple[str, dict]:
+    async def one(gen: Reply) -> tuple[str, dict]:
         text = ""
         async for kind, value in gen.events():
             if kind == "text":
@@ -134,7 +106,7 @@ async def complete(gens: list[Generation], req: ChatRequest, disconnected: Calla
             "system_fingerprint": None, "choices": choices, "usage": usage}
 
 
-async def stream(gen: Generation, req: ChatRequest):
+async def stream(gen: Reply, req: ChatRequest):
     """Server-sent events: a role chunk, content chunks, a finish chunk, optional usage, then [DONE].
     When the client disconnects, Starlette cancels this generator and the generation is cancelled with it."""
     cid, ts = completion_id(), created()

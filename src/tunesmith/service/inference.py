@@ -1,8 +1,9 @@
 """Chat completions: one shared base model per base name, fine-tuned models attached as named LoRA adapters.
 
-The Engine admits a request (tokenizes it and checks it against the model's context) and hands it to the
-Scheduler (scheduler.py), whose single thread owns the models and runs every generation. Each request's
-adapter is fixed when it is admitted; nothing another request does can change it.
+The Engine admits a request in the server (tokenizes it as the model was trained — the chat template, or the
+raw prompt for a prompt/completion fine-tune — and checks it against the model's context) and sends it to the
+inference process (inference_process.py), whose scheduler owns the models and runs every generation. Each
+request's adapter is fixed when it is admitted; nothing another request does can change it.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .scheduler import Generation, Scheduler
+from .inference_process import MAX_ADAPTERS, InferenceProcess, Reply
 from .store import Store, new_id
 
 DEFAULT_MAX_TOKENS = 256  # a reply's length when the request names no max_tokens (bounded by the context)
@@ -46,36 +47,34 @@ class Base:
 
 class Engine:
     def __init__(self, store: Store, bases: dict[str, str], device: str = "auto",
-                 max_generation_s: float = MAX_GENERATION_S, max_batch: int = 16) -> None:
+                 max_generation_s: float = MAX_GENERATION_S, max_batch: int = 16, max_adapters: int = MAX_ADAPTERS) -> None:
         from ..devices import resolve_device
-        self.store, self.bases, self.device = store, bases, resolve_device(device)
-        self.max_generation_s, self.max_batch = max_generation_s, max_batch
+        self.store, self.bases = store, bases
+        self.max_generation_s = max_generation_s
         self.info: dict[str, Base] = {}  # base name -> tokenizer and context (admission)
-        self.loaded: dict[str, object] = {}  # base name -> model (the scheduler thread only)
+        self.templates: dict[str, str] = {}  # fine-tuned model -> how its prompts are written (chat | raw)
         self.token_lock = threading.Lock()  # a tokenizer is not safe to call from two threads at once
         self.info_lock = threading.Lock()
-        self.scheduler: Scheduler | None = None
+        self.process = InferenceProcess(bases, str(resolve_device(device)), max_batch, max_adapters)
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the generation thread. Called from the main thread (the app's startup), it also makes SIGTERM
+        """Start the inference process. Called from the main thread (the app's startup), it also makes SIGTERM
         and SIGINT cut running generations short, so the server's graceful shutdown does not wait on them."""
-        if self.scheduler is None:
-            self.scheduler = Scheduler(self._load, self.token_lock, self.max_batch)
+        self.process.start()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous = signal.getsignal(sig)
 
                 def handler(signum, frame, previous=previous):
-                    self.stop()
+                    self.process.stop()
                     if callable(previous):
                         previous(signum, frame)
 
                 signal.signal(sig, handler)
 
     def stop(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        self.process.close()
 
     # -- admission ----------------------------------------------------------------------------------
     def base_of(self, model_id: str) -> tuple[str, str | None, dict | None]:
@@ -94,19 +93,33 @@ class Engine:
                 self.info[base] = Base(load_tokenizer(self.bases[base]), context_length(self.bases[base]))
             return self.info[base]
 
+    def _template(self, model_id: str, row: dict | None) -> str:
+        """'raw' for a fine-tune trained on prompt/completion or text data (its prompts had no chat template),
+        else 'chat' — what `tunesmith chat` does for the same run."""
+        if row is None:
+            return "chat"
+        if model_id not in self.templates:
+            from ..runinfo import read_run_info
+            try:
+                fmt = read_run_info(Path(row["path"])).format
+            except Exception:  # noqa: BLE001 - a run folder without run.json (older jobs): the chat template
+                fmt = "chat"
+            self.templates[model_id] = "raw" if fmt in ("prompt_completion", "text") else "chat"
+        return self.templates[model_id]
+
     def prompt_ids(self, model_id: str, messages: list[dict]) -> list[int]:
         from ..generate import chat_prompt_ids
-        info = self._base_info(self.base_of(model_id)[0])
+        base, _, row = self.base_of(model_id)
+        info = self._base_info(base)
+        template = self._template(model_id, row)
         with self.token_lock:
-            return chat_prompt_ids(info.tokenizer, messages)[0].tolist()
+            return chat_prompt_ids(info.tokenizer, messages, template)[0].tolist()
 
     def submit(self, model_id: str, messages: list[dict], max_tokens: int | None, temperature: float, top_p: float,
-               stop: list[str], seeds: list[int | None], loop: asyncio.AbstractEventLoop) -> list[Generation]:
-        """Admit a request: one Generation per seed (n choices), queued for the scheduler. Raises
+               stop: list[str], seeds: list[int | None], loop: asyncio.AbstractEventLoop) -> list[Reply]:
+        """Admit a request: one generation per seed (n choices), sent to the inference process. Raises
         ContextLengthError when the prompt, or the prompt plus an explicit max_tokens, exceeds the context.
         Blocking (tokenizes, may load a tokenizer): call it from a worker thread."""
-        if self.scheduler is None:
-            self.start()
         base, adapter, row = self.base_of(model_id)
         context = self._base_info(base).context
         ids = self.prompt_ids(model_id, messages)
@@ -118,26 +131,10 @@ class Engine:
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_TOKENS if context is None else min(DEFAULT_MAX_TOKENS, context - len(ids))
         path = None if row is None else str(Path(row["path"]) / "adapter")
-        gens = [Generation(base=base, adapter=adapter, adapter_path=path, prompt_ids=ids, max_tokens=max_tokens, temperature=temperature,
-                           top_p=top_p, stop=stop, seed=seed, time_limit_s=self.max_generation_s, loop=loop,
-                           context=context)
+        return [self.process.submit(dict(base=base, adapter=adapter, adapter_path=path, prompt_ids=ids,
+                                         max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                         seed=seed, time_limit_s=self.max_generation_s, context=context), loop)
                 for seed in seeds]
-        for gen in gens:
-            self.scheduler.submit(gen)
-        return gens
-
-    # -- the scheduler thread's side ----------------------------------------------------------------
-    def _load(self, gen: Generation) -> tuple[object, object]:
-        """(model, tokenizer) for gen's base, with gen's adapter loaded (not activated). Scheduler thread only."""
-        from ..adapters import adapter_configs, load_adapter
-        from ..models import load_model
-        if gen.base not in self.loaded:
-            self.loaded[gen.base] = load_model(self.bases[gen.base], "causal_lm").eval().to(self.device)
-        model = self.loaded[gen.base]
-        if gen.adapter is not None and gen.adapter not in adapter_configs(model):
-            load_adapter(model, Path(gen.adapter_path), name=gen.adapter, activate=False)
-            model.to(self.device)  # the new adapter's weights
-        return model, self.info[gen.base].tokenizer
 
 
 def context_length(spec: str) -> int | None:

@@ -143,12 +143,6 @@ def missing_file(store: Store, job: dict) -> dict | None:
     return None
 
 
-def is_epoch_end(step: int, total_steps: int, n_epochs: int) -> bool:
-    """Whether optimizer step `step` (1-based) ends an epoch of a run of `total_steps` over `n_epochs`: exact
-    with no gradient accumulation (total = epochs x batches per epoch), within a step otherwise."""
-    return step * n_epochs // total_steps > (step - 1) * n_epochs // total_steps
-
-
 def stop_wanted(row: dict) -> bool:
     """A cancel or pause was asked for, or the job was ended (cancelled) while nothing ran it."""
     return row["want"] in ("cancel", "pause") or row["status"] in TERMINAL
@@ -158,8 +152,8 @@ class Reporter:
     """on_step for train(): metrics events, chat-able checkpoints at each epoch end and each saved training
     checkpoint, and the per-step look at the store (lost lease: exit; cancel or pause: stop)."""
 
-    def __init__(self, store: Store, job: dict, owner: str | None, n_epochs: int) -> None:
-        self.store, self.job, self.owner, self.n_epochs = store, job, owner, n_epochs
+    def __init__(self, store: Store, job: dict, owner: str | None) -> None:
+        self.store, self.job, self.owner = store, job, owner
         self.run_dir = store.dir / "jobs" / job["id"]
         self.parent = os.getppid()
         self.last_metrics: dict | None = None
@@ -181,7 +175,7 @@ class Reporter:
         self.store.add_event(job_id, f"Step {step}/{total}: training loss={event.loss:.4f}", type_="metrics",
                              data={**metrics, "total_steps": total})
         self.last_metrics = metrics
-        if step < total and (event.checkpoint or is_epoch_end(step, total, self.n_epochs)):
+        if step < total and (event.checkpoint or event.epoch_end):
             self.save_checkpoint_model(event.model, step, metrics)  # the final one is the job's own model
         if stop_wanted(row):  # after this step is recorded, so its checkpoint and its events agree
             raise KeyboardInterrupt  # train() saves a checkpoint and re-raises; the worker records which
@@ -259,7 +253,7 @@ def _run(store: Store, job: dict, owner: str | None) -> int:
     if error:
         return fail(store, job_id, error)
     hp = resolve_hyperparameters(job)
-    reporter = Reporter(store, job, owner, hp["n_epochs"])
+    reporter = Reporter(store, job, owner)
     config_path = store.dir / "jobs" / job_id / JOB_RUN_CONFIG
     resumed = config_path.exists()
     if not resumed and prepare(store, job) is None:

@@ -1,11 +1,11 @@
 """The generation scheduler: one thread owns the models and runs every generation, so no request can change the
-adapter another request is generating with.
+adapter another request is generating with. It runs in the inference process (inference_process.py).
 
 Requests wait in a queue as `Generation`s. The thread takes the oldest one and, if it is greedy, every other
 queued greedy request on the same base model (up to `max_batch`), and generates them as one left-padded batch,
 each row with its own adapter (multi_lora.py). Sampled requests run alone, so a `seed` reproduces a reply.
 Each row stops on its own: end of sequence, a stop string, its `max_tokens`, its time limit, its client
-going away (`Generation.cancel()`), or the engine stopping.
+going away (`Generation.cancel()`), or the engine stopping. A row whose adapter cannot be loaded fails alone.
 """
 from __future__ import annotations
 
@@ -14,15 +14,36 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 
+class AsyncEvents:
+    """A generation's events, delivered from any thread to one asyncio event loop: call it with (kind, value);
+    read them with `events()`. Events: ("text", str) pieces, then one ("done", {"finish_reason", "usage"}) or
+    ("error", message)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def __call__(self, kind: str, value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        except RuntimeError:  # the request's event loop is gone (server shutting down): nobody is listening
+            pass
+
+    async def events(self):
+        while True:
+            kind, value = await self.queue.get()
+            yield kind, value
+            if kind != "text":
+                return
+
+
 @dataclass(eq=False)  # each request is itself: identical requests are still two
 class Generation:
-    """One reply being generated. The scheduler thread writes; the request reads `events()` on its event loop.
-
-    Events: ("text", str) pieces, then one ("done", {"finish_reason", "usage"}) or ("error", message)."""
+    """One reply being generated. The scheduler thread writes its events through `emit`."""
     base: str
     adapter: str | None  # the fine-tuned model's adapter name on its base; None for the base model
     adapter_path: str | None  # its PEFT folder, loaded on first use
@@ -33,8 +54,7 @@ class Generation:
     stop: list[str]
     seed: int | None
     time_limit_s: float
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    emit: Callable[[str, Any], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     # scheduler-side state of the row
     ids: list[int] = field(default_factory=list)
@@ -53,21 +73,11 @@ class Generation:
         """Stop generating (the client went away); safe from any thread, any number of times."""
         self.cancelled.set()
 
-    async def events(self):
-        while True:
-            kind, value = await self.queue.get()
-            yield kind, value
-            if kind != "text":
-                return
-
     def push(self, kind: str, value) -> None:
         if self.closed:
             return
         self.closed = kind != "text"
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
-        except RuntimeError:  # the request's event loop is gone (server shutting down): nobody is listening
-            pass
+        self.emit(kind, value)
 
 
 class _RowStreamer:
@@ -88,11 +98,15 @@ class _RowStreamer:
         pass
 
 
-class Scheduler:
-    """The thread that runs all generation. `load(gen)` -> (model, tokenizer) with gen's adapter on the model
-    (loading the base and the adapter on first use); it is only called from this thread."""
+Loader = Callable[[list[Generation]], tuple[Any, Any, dict[Generation, str]]]
 
-    def __init__(self, load: Callable[[Generation], tuple], token_lock: threading.Lock, max_batch: int = 16) -> None:
+
+class Scheduler:
+    """The thread that runs all generation. `load(batch)` -> (model, tokenizer, failed): the batch's base model
+    with every row's adapter loaded (not activated), and {row: error} for rows whose adapter could not be
+    loaded; it is only called from this thread."""
+
+    def __init__(self, load: Loader, token_lock: threading.Lock, max_batch: int = 16) -> None:
         self.load, self.token_lock, self.max_batch = load, token_lock, max_batch
         self.pending: list[Generation] = []
         self.wake = threading.Condition()
@@ -162,9 +176,13 @@ class Scheduler:
         if not batch:
             return
         from .multi_lora import can_mix
-        model, tok = self.load(batch[0])
-        for gen in batch[1:]:
-            self.load(gen)  # every row's adapter is on the model before the batch starts
+        model, tok, failed = self.load(batch)  # every row's adapter is on the model before the batch starts
+        for gen, error in failed.items():  # a broken adapter fails its own rows, not the batch
+            gen.finish = "error"
+            gen.push("error", error)
+        batch = [g for g in batch if g not in failed]
+        if not batch:
+            return
         names = [g.adapter for g in batch]
         if len(set(names)) > 1 and not can_mix(model, names):  # run one adapter now, the others next time
             keep = [g for g in batch if g.adapter == batch[0].adapter]

@@ -26,9 +26,21 @@ LEASE_S = float(os.environ.get("TUNESMITH_JOB_LEASE_S", "30"))  # how long a job
 SIGNAL_AFTER_S = 5.0  # a cancel or pause the child has not acted on by then (a long step or eval) gets SIGINT
 
 
+def node_name() -> str:
+    """$TUNESMITH_NODE, or the host name and the process-id namespace: what tells whether a worker's pid can be
+    looked up from here. Containers often share a host name (or run as pid 1) while their pids are apart."""
+    if os.environ.get("TUNESMITH_NODE"):
+        return os.environ["TUNESMITH_NODE"]
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:  # no /proc (macOS): the host name alone
+        return socket.gethostname()
+    return f"{socket.gethostname()}.pidns{namespace}"
+
+
 def worker_name() -> str:
-    """NODE:PID:RANDOM. NODE is $TUNESMITH_NODE or the host name: workers on one node can tell a dead peer."""
-    return f"{os.environ.get('TUNESMITH_NODE') or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    """NODE:PID:RANDOM (node_name()): workers on one node can tell a dead peer."""
+    return f"{node_name()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def _alive(pid: int | None) -> bool:
@@ -56,7 +68,7 @@ def _is_job_process(pid: int, job_id: str) -> bool:
 def reclaim_from_dead_workers(store: Store) -> None:
     """Jobs held by a worker on this node whose process is gone: stop the orphaned training process and expire
     the lease now, instead of waiting for it to run out (a restarted server resumes its job at once)."""
-    node = os.environ.get("TUNESMITH_NODE") or socket.gethostname()
+    node = node_name()
     for row in store.held_jobs():
         owner_node, _, rest = (row["owner"] or "").partition(":")
         owner_pid = rest.partition(":")[0]

@@ -28,7 +28,7 @@ from .interrupts import interrupts_deferred
 from .evaluate import evaluate
 from .metrics import plot_losses
 from .probe import run_linear_probe
-from .run import Run, StepEvent, StepMetrics, Summary, Window, setup
+from .run import Run, StepEvent, StepMetrics, Summary, Window, add_sums, setup
 
 
 class TrainingDiverged(TunesmithError):
@@ -55,7 +55,7 @@ def train_step(run: Run) -> StepMetrics:
     t, obj, start = run.cfg.training, run.objective, time.perf_counter()
     group = [micro_batch(run, run.state.step * t.grad_accum + k) for k in range(t.grad_accum)]
     n_total = sum(obj.count(b) for b in group)
-    loss_total, correct, units = 0.0, 0, 0
+    loss_total, correct, units, extra = 0.0, 0, 0, {}
     for b in group:
         with run.autocast():
             out = obj.forward(run.model, b)
@@ -64,6 +64,7 @@ def train_step(run: Run) -> StepMetrics:
         loss_total += float(loss_sum.detach())
         c = obj.correct(out.detach(), b)
         correct = None if c is None or correct is None else correct + c
+        add_sums(extra, obj.step_metrics(out.detach(), b))
         del out
         units += obj.units(b)
     if not math.isfinite(loss_total):  # before the optimizer step: the weights stay as the last good step left them
@@ -81,7 +82,7 @@ def train_step(run: Run) -> StepMetrics:
         s.trained_tokens += units
         seconds = time.perf_counter() - start
         run.train_seconds += seconds
-        m = StepMetrics(s.step, loss_total, n_total, correct, units, seconds)
+        m = StepMetrics(s.step, loss_total, n_total, correct, units, seconds, extra)
         if s.first_loss is None:
             s.first_loss = m.loss
         log_window(run, m)
@@ -112,9 +113,16 @@ def log_window(run: Run, m: StepMetrics) -> None:
         rec["accuracy"] = w.correct / max(w.count, 1)
     rec.update({"lr": run.sched.get_last_lr()[0], unit: w.units / max(time.perf_counter() - run.window_start, 1e-9),
                 "epoch": round(m.step * t.grad_accum / run.batches_per_epoch, 3)})
+    rec.update({name: total / max(n, 1) for name, (total, n) in w.extra.items()})  # e.g. DPO's reward margin
     run.metrics.write(event="train", step=m.step, **rec)
     run.last_record = rec
     run.state.window, run.window_start = Window(), time.perf_counter()
+
+
+def ends_epoch(run: Run, step: int) -> bool:
+    """Whether optimizer step `step` (1-based) took the last micro-batch of an epoch."""
+    accum = run.cfg.training.grad_accum
+    return (step * accum) // run.batches_per_epoch > ((step - 1) * accum) // run.batches_per_epoch
 
 
 def eval_due(run: Run, step: int) -> bool:
@@ -122,9 +130,7 @@ def eval_due(run: Run, step: int) -> bool:
     t = run.cfg.training
     if not run.data.eval:
         return False
-    if t.eval_every:
-        return step % t.eval_every == 0
-    return (step * t.grad_accum) // run.batches_per_epoch > ((step - 1) * t.grad_accum) // run.batches_per_epoch
+    return step % t.eval_every == 0 if t.eval_every else ends_epoch(run, step)
 
 
 def update_early_stop(run: Run, result: dict[str, float]) -> None:
@@ -212,7 +218,8 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[StepEvent], N
                 update_early_stop(run, evaluated)
             saved = checkpoint(run) if t.save_every and m.step % t.save_every == 0 and m.step < run.total_steps else None
             if on_step is not None:
-                on_step(StepEvent(m.step, run.total_steps, m.loss, m.accuracy, saved, evaluated, run.model))
+                on_step(StepEvent(m.step, run.total_steps, m.loss, m.accuracy, saved, evaluated, run.model,
+                                  ends_epoch(run, m.step)))
             if run.stopped_early:
                 say(f"early stopping: eval loss has not improved for {t.early_stopping_patience} evaluations")
                 break

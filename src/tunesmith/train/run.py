@@ -36,12 +36,21 @@ class Window:
     count: int = 0
     correct: int | None = 0
     units: int = 0
+    extra: dict = field(default_factory=dict)  # the objective's step metrics: name -> [sum, count]
 
     def add(self, m: "StepMetrics") -> None:
         self.loss_sum += m.loss_sum
         self.count += m.count
         self.units += m.units
         self.correct = None if m.correct is None or self.correct is None else self.correct + m.correct
+        add_sums(self.extra, m.extra)
+
+
+def add_sums(into: dict, sums: dict) -> None:
+    """Add {name: (sum, count)} metrics into {name: [sum, count]}."""
+    for name, (total, n) in sums.items():
+        acc = into.setdefault(name, [0.0, 0])
+        acc[0], acc[1] = acc[0] + float(total), acc[1] + int(n)
 
 
 @dataclass
@@ -71,6 +80,7 @@ class StepMetrics:
     correct: int | None
     units: int
     seconds: float
+    extra: dict = field(default_factory=dict)  # the objective's step metrics: name -> [sum, count]
 
     @property
     def loss(self) -> float:
@@ -92,6 +102,7 @@ class StepEvent:
     checkpoint: Path | None  # the checkpoint folder written at this step, if any
     eval: dict[str, float] | None  # metrics of an evaluation run at this step, if any
     model: nn.Module
+    epoch_end: bool = False  # this step took the last micro-batch of an epoch
 
 
 @dataclass
@@ -229,6 +240,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     built.info.write(run_dir)
     model = built.model.to(device)
+    built.objective.attach(model, built.tokenizer, built.data, run_dir, cfg, log)  # before resuming: the starting weights
     for note in built.data.notes:
         log(f"data: {note}")
     params = trainable_summary(model)
