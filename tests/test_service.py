@@ -30,9 +30,42 @@ def server(tmp_path_factory, lm_dir):
     proc.wait(timeout=30)
 
 
+CONTRACT = [  # (method, path pattern, the documented answer in tunesmith.service.responses)
+    ("POST", r"/v1/files", "FileObject"), ("GET", r"/v1/files", "Page[FileObject]"),
+    ("GET", r"/v1/files/[^/]+", "FileObject"), ("DELETE", r"/v1/files/[^/]+", "Deleted"),
+    ("POST", r"/v1/fine_tuning/jobs", "FineTuningJob"), ("GET", r"/v1/fine_tuning/jobs", "Page[FineTuningJob]"),
+    ("GET", r"/v1/fine_tuning/jobs/[^/]+", "FineTuningJob"),
+    ("POST", r"/v1/fine_tuning/jobs/[^/]+/(cancel|pause|resume)", "FineTuningJob"),
+    ("GET", r"/v1/fine_tuning/jobs/[^/]+/events", "Page[JobEvent]"),
+    ("GET", r"/v1/fine_tuning/jobs/[^/]+/checkpoints", "Page[JobCheckpoint]"),
+    ("GET", r"/v1/models", "Page[ModelObject]"), ("GET", r"/v1/models/.+", "ModelObject"),
+    ("DELETE", r"/v1/models/.+", "Deleted"), ("POST", r"/v1/chat/completions", "ChatCompletion"),
+]
+CHECKED: list[str] = []  # the answers the contract check has seen (a test asserts it saw each kind)
+
+
+def check_contract(response) -> None:
+    """Every JSON answer the official client gets must be exactly the documented OpenAI object."""
+    import re
+
+    from tunesmith.service import responses
+    if "json" not in response.headers.get("content-type", ""):
+        return  # file contents, server-sent events
+    response.read()
+    path = response.request.url.path
+    if response.status_code >= 400:
+        name = "ErrorResponse"
+    else:
+        name = next(n for m, pattern, n in CONTRACT if m == response.request.method and re.fullmatch(pattern, path))
+    model = responses.Page[getattr(responses, name[5:-1])] if name.startswith("Page[") else getattr(responses, name)
+    model.model_validate(response.json())
+    CHECKED.append(name)
+
+
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server["url"], api_key=KEY, max_retries=0)
+    return openai.OpenAI(base_url=server["url"], api_key=KEY, max_retries=0,
+                         http_client=openai.DefaultHttpxClient(event_hooks={"response": [check_contract]}))
 
 
 def upload(client, tmp_path, rows, name="train.jsonl"):
@@ -121,6 +154,8 @@ def test_full_flow_with_the_official_client(client, tmp_path):
     assert client.files.delete(f.id).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(f.id)
+    assert {"FileObject", "FineTuningJob", "Page[FineTuningJob]", "Page[JobEvent]", "Page[JobCheckpoint]",
+            "Page[ModelObject]", "ChatCompletion", "Deleted", "ErrorResponse"} <= set(CHECKED)
 
 
 def test_data_problems_fail_the_job_not_the_request(client, tmp_path):
@@ -349,3 +384,14 @@ def test_the_client_example_runs_end_to_end(server, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Fine tuning job successfully completed" in done.stdout and "checkpoint ft:tiny:" in done.stdout
     assert "fine-tuned model: ft:tiny:user:chatterbot:" in done.stdout
+
+
+def test_the_openapi_schema_documents_openais_objects(server):
+    """/openapi.json names the real answers: the job object's fields and OpenAI's error object."""
+    import urllib.request
+    schema = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/openapi.json", timeout=30).read())
+    job = schema["components"]["schemas"]["FineTuningJob"]
+    assert {"id", "status", "fine_tuned_model", "hyperparameters", "method", "error"} <= set(job["properties"])
+    create = schema["paths"]["/v1/fine_tuning/jobs"]["post"]["responses"]
+    assert create["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/FineTuningJob")
+    assert create["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")

@@ -22,8 +22,22 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .chat import ChatRequestError, admit as chat_admit, chat_request, complete as chat_complete, stream as chat_stream
+from .chat import ChatRequestError, chat_request
+from .chat import admit as chat_admit
+from .chat import complete as chat_complete
+from .chat import stream as chat_stream
 from .inference import Engine
+from .responses import (
+    ChatCompletion,
+    Deleted,
+    FileObject,
+    FineTuningJob,
+    JobCheckpoint,
+    JobEvent,
+    ModelObject,
+    Page,
+    answers,
+)
 from .schemas import (
     APIError,
     ChatCompletionCreate,
@@ -142,7 +156,8 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
     v1 = [Depends(auth)]
 
     # the body is counted as it arrives and parsing stops past the limit; the file's exact size is checked after
-    @app.post("/v1/files", dependencies=v1, max_body_size=body_limit("POST", "/v1/files", upload_bytes),
+    @app.post("/v1/files", dependencies=v1, responses=answers(FileObject),
+              max_body_size=body_limit("POST", "/v1/files", upload_bytes),
               form_limits={"max_files": 1, "max_fields": 8, "max_part_size": 1024})
     def upload(form: Annotated[FileUpload, Form()]) -> dict:
         if form.file.size is None or form.file.size > upload_bytes:
@@ -152,7 +167,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
             raise APIError(400, "Invalid file format for Fine-Tuning API. Must be .jsonl", param="file")
         return file_object(store.add_file(name, form.purpose, form.file.file.read()))
 
-    @app.get("/v1/files", dependencies=v1)
+    @app.get("/v1/files", dependencies=v1, responses=answers(Page[FileObject]))
     async def list_files(after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_FILES_PAGE)] = MAX_FILES_PAGE,
                    purpose: str | None = None, order: Literal["asc", "desc"] = "desc") -> dict:
         listed = store_page(store.page_files, after=after, limit=limit, purpose=purpose, order=order)
@@ -164,7 +179,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
             raise APIError(404, f"No such File object: {file_id}", param="id")
         return f
 
-    @app.get("/v1/files/{file_id}", dependencies=v1)
+    @app.get("/v1/files/{file_id}", dependencies=v1, responses=answers(FileObject))
     async def get_file(file_id: str) -> dict:
         return file_object(known_file(file_id))
 
@@ -173,7 +188,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         known_file(file_id)
         return Response(store.file_path(file_id).read_bytes(), media_type="application/octet-stream")
 
-    @app.delete("/v1/files/{file_id}", dependencies=v1)
+    @app.delete("/v1/files/{file_id}", dependencies=v1, responses=answers(Deleted))
     def delete_file(file_id: str) -> dict:
         known_file(file_id)
         store.delete_file(file_id)
@@ -188,7 +203,8 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
             raise APIError(400, f"invalid {field}: {file_id} was uploaded with purpose {f['purpose']!r}; fine-tuning "
                                 "reads files uploaded with purpose 'fine-tune'", param=field, code="invalid_file_purpose")
 
-    @app.post("/v1/fine_tuning/jobs", dependencies=v1, max_body_size=MAX_JSON_BYTES)
+    @app.post("/v1/fine_tuning/jobs", dependencies=v1, responses=answers(FineTuningJob),
+              max_body_size=MAX_JSON_BYTES)
     def create_job(body: JobCreate) -> dict:
         if body.model not in bases:
             raise APIError(400, f"Model {body.model!r} is not available for fine-tuning here; available: "
@@ -217,12 +233,12 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
             raise APIError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
         return job
 
-    @app.get("/v1/fine_tuning/jobs", dependencies=v1)
+    @app.get("/v1/fine_tuning/jobs", dependencies=v1, responses=answers(Page[FineTuningJob]))
     async def list_jobs(request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> dict:
         wanted = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
         return store_page(store.page_jobs, after=after, limit=limit, metadata=wanted)
 
-    @app.get("/v1/fine_tuning/jobs/{job_id}", dependencies=v1)
+    @app.get("/v1/fine_tuning/jobs/{job_id}", dependencies=v1, responses=answers(FineTuningJob))
     async def get_job(job_id: str) -> dict:
         return known_job(job_id)
 
@@ -232,15 +248,15 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
             raise APIError(400, f"Cannot {want} a job that is {job['status']}", param="fine_tuning_job_id")
         return store.request_control(job_id, want)  # cancelled now if no live worker holds the job
 
-    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=v1)
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=v1, responses=answers(FineTuningJob))
     def cancel(job_id: str) -> dict:
         return control(job_id, "cancel", ("validating_files", "queued", "running", "paused"))
 
-    @app.post("/v1/fine_tuning/jobs/{job_id}/pause", dependencies=v1)
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause", dependencies=v1, responses=answers(FineTuningJob))
     def pause(job_id: str) -> dict:
         return control(job_id, "pause", ("running",))
 
-    @app.post("/v1/fine_tuning/jobs/{job_id}/resume", dependencies=v1)
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume", dependencies=v1, responses=answers(FineTuningJob))
     def resume(job_id: str) -> dict:
         job = known_job(job_id)
         if job["status"] != "paused":
@@ -249,12 +265,12 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         store.add_event(job_id, "Fine-tuning job resumed")
         return store.update_job(job_id, status="queued")
 
-    @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=v1)
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=v1, responses=answers(Page[JobEvent]))
     async def events(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> dict:
         known_job(job_id)
         return store_page(store.page_events, job_id, after=after, limit=limit)
 
-    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=v1)
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=v1, responses=answers(Page[JobCheckpoint]))
     async def checkpoints(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 10) -> dict:
         known_job(job_id)
         return store_page(store.page_checkpoints, job_id, after=after, limit=limit)
@@ -263,12 +279,12 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
     def model_object(mid: str, created_at: int = 0, owner: str = "tunesmith") -> dict:
         return {"id": mid, "object": "model", "created": created_at, "owned_by": owner}
 
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models", dependencies=v1, responses=answers(Page[ModelObject]))
     def list_models() -> dict:
         data = [model_object(b) for b in bases] + [model_object(m["id"], m["created"], m["owned_by"]) for m in store.list_models()]
         return {"object": "list", "data": data, "has_more": False}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=v1)
+    @app.get("/v1/models/{model_id:path}", dependencies=v1, responses=answers(ModelObject))
     async def get_model(model_id: str) -> dict:
         if model_id in bases:
             return model_object(model_id)
@@ -277,7 +293,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
             raise APIError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
         return model_object(m["id"], m["created"], m["owned_by"])
 
-    @app.delete("/v1/models/{model_id:path}", dependencies=v1)
+    @app.delete("/v1/models/{model_id:path}", dependencies=v1, responses=answers(Deleted))
     def delete_model(model_id: str) -> dict:
         if model_id in bases:
             raise APIError(400, "base models cannot be deleted", param="model")
@@ -285,7 +301,8 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
             raise APIError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
         return {"id": model_id, "object": "model", "deleted": True}
 
-    @app.post("/v1/chat/completions", dependencies=v1, max_body_size=MAX_JSON_BYTES)
+    @app.post("/v1/chat/completions", dependencies=v1, responses=answers(ChatCompletion),
+              max_body_size=MAX_JSON_BYTES)
     async def chat(request: Request, body: ChatCompletionCreate):
         if body.model not in bases and store.get_model(body.model) is None:
             raise APIError(404, f"The model {body.model!r} does not exist", param="model", code="model_not_found")
