@@ -178,8 +178,26 @@ def test_bad_requests_are_synchronous_400s(client, tmp_path):
     with pytest.raises(openai.BadRequestError, match="n_epochs"):
         client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
                                        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}})
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
-        client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "dpo"})
+    with pytest.raises(openai.BadRequestError, match=r"beta") as e:  # OpenAI's range: (0, 2]
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
+                                       method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}})
+    assert e.value.body["param"] == "method.dpo.hyperparameters.beta"
+    with pytest.raises(openai.BadRequestError, match="method.supervised is given but method.type is 'dpo'"):
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "dpo", "supervised": {}})
+    with pytest.raises(openai.BadRequestError, match="method.dpo.hyperparameters") as e:
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "dpo"},
+                                       hyperparameters={"n_epochs": 2})
+    with pytest.raises(openai.BadRequestError, match="reinforcement.grader") as e:
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "reinforcement"})
+    grader = {"type": "string_check", "name": "g", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+              "operation": "equal"}
+    with pytest.raises(openai.BadRequestError, match="eq, ne, like, ilike") as e:
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
+                                       method={"type": "reinforcement", "reinforcement": {"grader": grader}})
+    assert e.value.body["param"] == "method.reinforcement.grader.operation"
+    with pytest.raises(openai.BadRequestError, match="--allow-python-graders") as e:
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={
+            "type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "def grade(s, i): 1"}}})
     txt = tmp_path / "notes.txt"
     txt.write_text("hello")
     with pytest.raises(openai.BadRequestError, match="Must be .jsonl"):

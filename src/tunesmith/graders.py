@@ -252,6 +252,14 @@ def _python_grader(source: str, param: str) -> Grade:
     return grade
 
 
+def uses_python(spec: Any) -> bool:
+    """Whether a grader (or any grader inside a multi) runs code."""
+    if not isinstance(spec, dict):
+        return False
+    parts = spec.get("graders")
+    return spec.get("type") == "python" or (isinstance(parts, dict) and any(map(uses_python, parts.values())))
+
+
 def grader_reward(spec: dict, allow_python: bool = False) -> Callable[..., float]:
     """The grader as a reward function `(prompt, completion, **fields) -> float` (GRPO's signature)."""
     grade = build_grader(spec, allow_python)

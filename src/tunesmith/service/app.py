@@ -83,12 +83,14 @@ class DeclaredLengthLimit:
 
 
 def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str, str], max_upload_mb: float = 100,
-               start_worker: bool = True, device: str = "auto", job_config: str | Path | None = None) -> FastAPI:
+               start_worker: bool = True, device: str = "auto", job_config: str | Path | None = None,
+               allow_python_graders: bool = False) -> FastAPI:
     """The app on data folder `data_dir`. api_keys: the accepted bearer keys, or None for no authentication
     (`serve --no-auth`). job_config: a YAML run-config fragment every job trains with (checked now, copied into
-    the data folder so that `tunesmith worker` processes use it too)."""
+    the data folder so that `tunesmith worker` processes use it too). allow_python_graders: reinforcement jobs
+    may use OpenAI's `python` grader, which runs the job's code in its training process."""
     from ..io import atomic_write_text
-    from .job import JOB_CONFIG, check_job_config
+    from .job import JOB_CONFIG, PYTHON_GRADERS, check_job_config
     if api_keys is not None and (not api_keys or not all(isinstance(k, str) and k.strip() for k in api_keys)):
         raise ValueError(f"api_keys must be non-empty strings (None turns authentication off), got {api_keys!r}")
     upload_bytes = int(max_upload_mb * 2**20)
@@ -98,6 +100,10 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         atomic_write_text(store.dir / JOB_CONFIG, check_job_config(job_config))
     else:
         (store.dir / JOB_CONFIG).unlink(missing_ok=True)
+    if allow_python_graders:  # the workers read it: a python grader runs only while the operator allows it
+        atomic_write_text(store.dir / PYTHON_GRADERS, "python graders run the job's code in its training process\n")
+    else:
+        (store.dir / PYTHON_GRADERS).unlink(missing_ok=True)
     engine = Engine(store, bases, device)
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
     app.add_middleware(DeclaredLengthLimit, upload_bytes=upload_bytes)
@@ -212,17 +218,19 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
         fine_tuning_file("training_file", body.training_file)
         if body.validation_file is not None:
             fine_tuning_file("validation_file", body.validation_file)
-        if body.method is not None and body.method.type != "supervised":
-            raise APIError(400, f"method type {body.method.type!r} is not supported yet; only 'supervised'",
-                           param="method.type")
+        kind = body.method_type
+        check_method(body, allow_python_graders)
         hp = body.chosen_hyperparameters()
         job = {"object": "fine_tuning.job", "id": new_id("ftjob-"), "model": body.model, "created_at": now(),
                "finished_at": None, "status": "validating_files", "fine_tuned_model": None, "organization_id": "user",
                "training_file": body.training_file, "validation_file": body.validation_file,
-               "result_files": [], "trained_tokens": None, "hyperparameters": hp, "error": None,
+               "result_files": [], "trained_tokens": None, "error": None,
+               "hyperparameters": {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
                "seed": 42 if body.seed is None else body.seed, "suffix": body.suffix, "estimated_finish": None,
                "integrations": [], "metadata": body.metadata or None,
-               "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
+               "method": {"type": kind, kind: {"hyperparameters": hp,
+                                               **({"grader": body.method.reinforcement.grader}
+                                                  if kind == "reinforcement" else {})}}}
         store.add_job(job)
         store.add_event(job["id"], f"Created fine-tuning job: {job['id']}")
         return job  # the worker validates the files (validating_files -> queued -> running)
@@ -323,6 +331,26 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
 
 
 LOOPBACK_NAMES = ("localhost",)
+
+
+def check_method(body: JobCreate, allow_python_graders: bool) -> None:
+    """What the schema cannot say: one method's settings, and a grader that can score (refused now, not mid-job)."""
+    from ..graders import GraderError, build_grader
+    kind = body.method_type
+    others = [k for k in ("supervised", "dpo", "reinforcement") if k != kind and getattr(body.method, k, None)]
+    if others:
+        raise APIError(400, f"method.{others[0]} is given but method.type is {kind!r}", param=f"method.{others[0]}")
+    if kind != "supervised" and body.hyperparameters is not None:
+        raise APIError(400, f"'hyperparameters' is the supervised method's (deprecated) place; give them as "
+                            f"method.{kind}.hyperparameters", param="hyperparameters")
+    if kind == "reinforcement":
+        if body.method.reinforcement is None:
+            raise APIError(400, "Missing required parameter: 'method.reinforcement.grader'.",
+                           param="method.reinforcement.grader")
+        try:
+            build_grader(body.method.reinforcement.grader, allow_python_graders, "method.reinforcement.grader")
+        except GraderError as e:
+            raise APIError(400, f"Invalid grader: {e}", param=e.param) from None
 
 
 def is_loopback(host: str) -> bool:

@@ -22,6 +22,17 @@ from .store import TERMINAL, Store
 
 MIN_EXAMPLES = 10
 AUTO = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 2.0}
+# "auto" per method, over AUTO. Online RL samples completions every step: one epoch unless asked for more.
+METHOD_AUTO = {"supervised": {}, "dpo": {"beta": 0.1},
+               "reinforcement": {"n_epochs": 1, "compute_multiplier": 1.0, "eval_interval": 1, "eval_samples": 1}}
+# What each method trains on, and the objective that trains it
+METHOD_FORMATS = {"supervised": ("chat", "prompt_completion"), "dpo": ("preference",), "reinforcement": ("prompt_only",)}
+METHOD_OBJECTIVE = {"supervised": "auto", "dpo": "dpo", "reinforcement": "grpo"}
+FORMAT_EXAMPLES = {"chat": '{"messages": [...]}', "prompt_completion": '{"prompt": ..., "completion": ...}',
+                   "preference": '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}',
+                   "prompt_only": '{"messages": [...], "answer": ...} (a prompt and the fields the grader reads)'}
+GRADER_FILE = "grader.json"  # in the job's folder: the reinforcement job's grader
+PYTHON_GRADERS = "python_graders.enabled"  # in the data folder while the server allows python graders
 JOB_RUN_CONFIG = "job.yaml"  # in the job's folder: the complete run config the job trains with
 JOB_CONFIG = "job_config.yaml"  # in the data folder: the server's --job-config, read by every worker
 # How jobs train unless the server's --job-config says otherwise. training.lr is the rate at
@@ -75,16 +86,18 @@ def validate_file(store: Store, job: dict, field: str) -> tuple[dict | None, int
     from ..data.formats import DataError
     path = store.file_path(job[field])
     records, problems = read_records(path)
+    wanted = METHOD_FORMATS[job["method"]["type"]]
     try:
-        fmt = validate(records, problems, "auto")
+        fmt = validate(records, problems, "auto" if len(wanted) > 1 else wanted[0])
     except DataError as e:
         p = e.problems[0]
         return {"code": f"invalid_{field}", "param": field,
                 "message": f"{field.replace('_', ' ').capitalize()} {job[field]} has {len(e.problems)} problem(s). "
                            f"Line {p.line}, {p.field}: {p.message}"}, 0
-    if fmt not in ("chat", "prompt_completion"):
+    if fmt not in wanted:
+        shapes = " or ".join(FORMAT_EXAMPLES[f] for f in wanted)
         return {"code": f"invalid_{field}", "param": field,
-                "message": f"{field} must hold chat ({{\"messages\": [...]}}) or prompt/completion examples, not {fmt}"}, 0
+                "message": f"{field} of a {job['method']['type']} job must hold {shapes} examples, not {fmt}"}, 0
     if field == "training_file" and len(records) < MIN_EXAMPLES:
         return {"code": "invalid_n_examples", "param": field,
                 "message": f"Training file has {len(records)} example(s), but must have at least {MIN_EXAMPLES} examples"}, 0
@@ -92,8 +105,28 @@ def validate_file(store: Store, job: dict, field: str) -> tuple[dict | None, int
 
 
 def resolve_hyperparameters(job: dict) -> dict:
-    hp = dict(job["method"]["supervised"]["hyperparameters"])
-    return {k: (AUTO[k] if hp.get(k, "auto") == "auto" else hp[k]) for k in AUTO}
+    """The method's hyperparameters with every "auto" resolved (what the job trains with and reports)."""
+    kind = job["method"]["type"]
+    hp = dict(job["method"][kind]["hyperparameters"])
+    auto = {**AUTO, **METHOD_AUTO[kind]}
+    return {k: (auto[k] if v == "auto" and k in auto else v) for k, v in {**dict.fromkeys(AUTO, "auto"), **hp}.items()}
+
+
+def method_values(store: Store, job: dict, hp: dict) -> dict:
+    """Config values of the job's method: the objective and its settings (a reinforcement job's grader is
+    written to the job's folder and scored by tunesmith.graders)."""
+    kind = job["method"]["type"]
+    values = {"objective.type": METHOD_OBJECTIVE[kind]}
+    if kind == "dpo":
+        values["objective.beta"] = float(hp["beta"])
+    if kind == "reinforcement":
+        from ..io import atomic_write_text
+        grader = store.dir / "jobs" / job["id"] / GRADER_FILE
+        grader.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(grader, json.dumps(job["method"]["reinforcement"]["grader"]))
+        values.update({"objective.graders": [str(grader)], "objective.reward_funcs": None,
+                       "objective.num_generations": max(2, round(4 * float(hp["compute_multiplier"])))})
+    return values
 
 
 def result_csv(metrics_path: Path) -> bytes:
@@ -121,7 +154,8 @@ def job_run_config(store: Store, job: dict, hp: dict):
               "data.eval": str(store.file_path(job["validation_file"])) if job.get("validation_file") else None,
               "training.epochs": hp["n_epochs"], "training.batch_size": hp["batch_size"],
               "training.lr": float(defaults["training"]["lr"]) * float(hp["learning_rate_multiplier"]),
-              "training.seed": job["seed"], "output.dir": str(store.dir / "jobs" / job["id"]), "output.progress": False}
+              "training.seed": job["seed"], "output.dir": str(store.dir / "jobs" / job["id"]), "output.progress": False,
+              **method_values(store, job, hp)}
     return config_from_dict(set_values(defaults, values))  # values, never strings to re-parse
 
 
@@ -253,6 +287,12 @@ def _run(store: Store, job: dict, owner: str | None) -> int:
     if error:
         return fail(store, job_id, error)
     hp = resolve_hyperparameters(job)
+    grader = job["method"].get("reinforcement", {}).get("grader") if job["method"]["type"] == "reinforcement" else None
+    from ..graders import uses_python
+    if uses_python(grader) and not (store.dir / PYTHON_GRADERS).exists():
+        return fail(store, job_id, {"code": "python_graders_disabled", "param": "method.reinforcement.grader",
+                                    "message": "This job's grader runs Python code, and the server no longer allows "
+                                               "it (start `tunesmith serve --allow-python-graders`)"})
     reporter = Reporter(store, job, owner)
     config_path = store.dir / "jobs" / job_id / JOB_RUN_CONFIG
     resumed = config_path.exists()
@@ -260,7 +300,9 @@ def _run(store: Store, job: dict, owner: str | None) -> int:
         return 1
     if stop_wanted(store.job_row(job_id)):
         return 130
-    store.update_job(job_id, status="running", hyperparameters=hp, method={**job["method"], "supervised": {"hyperparameters": hp}})
+    kind = job["method"]["type"]
+    store.update_job(job_id, status="running", hyperparameters={k: hp[k] for k in AUTO},
+                     method={**job["method"], kind: {**job["method"][kind], "hyperparameters": hp}})
     store.add_event(job_id, "Fine-tuning job resumed from its last checkpoint" if resumed else "Fine-tuning job started")
     result = train_job(store, job, config_path, reporter)
     if not reporter.still_ours():

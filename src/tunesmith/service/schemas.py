@@ -72,11 +72,33 @@ class Supervised(_Body):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Literal["auto"] | _number(0, 2, low_open=True) = "auto"  # OpenAI's range (0, 2]
+
+
+class Dpo(_Body):
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class ReinforcementHyperparameters(Hyperparameters):
+    """OpenAI's reinforcement hyperparameters. compute_multiplier sets the completions sampled per prompt
+    (4 x multiplier, at least 2); eval_interval, eval_samples and reasoning_effort are accepted and recorded."""
+    compute_multiplier: Literal["auto"] | _number(0, 10, low_open=True) = "auto"
+    eval_interval: Literal["auto"] | _int(1, 10_000) = "auto"
+    eval_samples: Literal["auto"] | _int(1, 1_000) = "auto"
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+
+
+class Reinforcement(_Body):
+    grader: dict[str, Any]  # checked by tunesmith.graders when the job is created (the error names the field)
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class Method(_Body):
     type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
     supervised: Supervised | None = None
-    dpo: dict[str, Any] | None = None  # OpenAI's other methods: well-formed, then refused as not supported yet
-    reinforcement: dict[str, Any] | None = None
+    dpo: Dpo | None = None
+    reinforcement: Reinforcement | None = None
 
 
 def _model_name_part(text: str) -> str:
@@ -102,11 +124,18 @@ class JobCreate(_Body):
     metadata: Metadata | None = None
     integrations: list[dict[str, Any]] | None = None
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method else "supervised"
+
     def chosen_hyperparameters(self) -> dict:
-        """The job's hyperparameters, every one present ("auto" where not given)."""
-        given = self.method.supervised if self.method and self.method.supervised else None
-        hp = (given.hyperparameters if given else None) or self.hyperparameters or Hyperparameters()
-        return hp.model_dump()
+        """The job's hyperparameters for its method, every one present ("auto" where not given)."""
+        kind = self.method_type
+        given = getattr(self.method, kind, None) if self.method else None
+        empty = {"supervised": Hyperparameters, "dpo": DpoHyperparameters,
+                 "reinforcement": ReinforcementHyperparameters}[kind]()
+        hp = (given.hyperparameters if given else None) or (self.hyperparameters if kind == "supervised" else None)
+        return (hp or empty).model_dump()
 
 
 # -- chat completions -----------------------------------------------------------------------------
