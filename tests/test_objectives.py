@@ -47,7 +47,52 @@ def _text_examples(n=6):
     return [{"input_ids": [g.randrange(1, 128) for _ in range(g.randrange(4, 10))]} for _ in range(n)]
 
 
+def _pairs(n=6):
+    """Preference pairs of random ids with precomputed reference log-probs (so DPO needs no reference model)."""
+    g = random.Random(2)
+    out = []
+    for i in range(n):
+        prompt, chosen, rejected = ([g.randrange(1, 128) for _ in range(g.randrange(2, 7))] for _ in range(3))
+        out.append({"input_ids": prompt + chosen, "labels": [-100] * len(prompt) + chosen, "margin": 0.5 * (i % 2),
+                    "rejected_input_ids": prompt + rejected, "rejected_labels": [-100] * len(prompt) + rejected,
+                    "ref_logps": [-20.0 - i, -21.0 + i]})
+    return out
+
+
+def _grpo():
+    """GRPO on prompts of random ids. On-policy, the clipped term sums to zero over each group, so the policy is
+    moved away from its reference copy: the loss is then the KL penalty, which the contract can compare."""
+    from tunesmith.models import load_tokenizer
+    objective, model = objective_class("grpo")(beta=1.0, num_generations=3, max_completion_length=5,
+                                               reward_funcs=["test_grpo:length_reward"]), _lm()
+    objective.attach(model, load_tokenizer("smollm2-135m-instruct"), None, None, None)  # reference: a frozen copy
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    g = random.Random(3)
+    return objective, model, [{"input_ids": [g.randrange(3, 128) for _ in range(g.randrange(3, 8))], "prompt": f"q{i}",
+                               "fields": {"answer": str(i)}} for i in range(6)]
+
+
+def _diffusion():
+    """A tiny random UNet + CLIP text encoder; examples as the data side makes them (latents, noise, timesteps,
+    caption token ids), v-prediction with min-SNR weights."""
+    from tunesmith.diffusion.pipeline import DiffusionModel
+    from tunesmith.diffusion.tiny import tiny_text_encoder, tiny_unet
+    torch.manual_seed(0)
+    model = DiffusionModel(tiny_unet(8, 4, 32), {"text_encoder": tiny_text_encoder(64, 32, 8)}, "tiny").eval()
+    g = torch.Generator().manual_seed(4)
+    examples = [{"latents": torch.randn(4, 8, 8, generator=g), "noise": torch.randn(4, 8, 8, generator=g),
+                 "timesteps": torch.tensor(100 * i + 50), "input_ids": torch.randint(0, 62, (8,), generator=g)}
+                for i in range(6)]
+    return objective_class("diffusion")(prediction_type="v_prediction", snr_gamma=5.0), model, examples
+
+
 CASES = {  # objective -> (objective, model, encoded examples)
+    "diffusion": _diffusion,
+    "dpo": lambda: (objective_class("dpo")(beta=0.1), _lm(), _pairs()),
+    "reward": lambda: (objective_class("reward")(), _head("regression", 1), _pairs()),
+    "grpo": _grpo,
     "sft": lambda: (objective_class("sft")(), _lm(), _lm_examples()),
     "causal_lm": lambda: (objective_class("causal_lm")(), _lm(),
                           [objective_class("causal_lm").prepare_example(e) for e in _lm_examples()]),
@@ -59,6 +104,9 @@ CASES = {  # objective -> (objective, model, encoded examples)
                                      _head("token_classification", 3),
                                      [{**e, "tags": [-100] + [j % 3 for j in range(len(e["input_ids"]) - 2)] + [-100]}
                                       for e in _text_examples()]),
+    "soft_classification": lambda: (objective_class("soft_classification")(3, 0.1), _head("classification", 3),
+                                    [{**e, "label": i % 3, "soft_label": [0.6 if c == i % 3 else 0.2 for c in range(3)]}
+                                     for i, e in enumerate(_text_examples())]),
 }
 
 
@@ -79,7 +127,10 @@ def test_objective_contract(name):
     assert n == objective.count(whole) > 0
     assert sum(c for _, c in split) == n
     assert float(sum(s for s, _ in split)) == pytest.approx(float(loss), rel=1e-5), "summed losses add up exactly"
-    assert objective.units(whole) == int(whole["attention_mask"].sum()) and objective.unit == "tokens"
+    if objective.unit == "tokens":
+        assert objective.units(whole) == int(whole["attention_mask"].sum())
+    else:  # images (diffusion)
+        assert objective.unit == "images" and objective.units(whole) == len(examples)
     metrics = evaluate(model, examples, objective, pad_id=0, batch_size=4)
     assert metrics["eval_loss"] == pytest.approx(float(objective.eval_loss(out, whole)[0]) / n, rel=1e-5)
     assert f"eval_{objective.headline}" in metrics and isinstance(objective.score(metrics), float)

@@ -42,6 +42,7 @@ def lm_config(lm_dir, data, out, *extra):
     return load_config(None, [f"model.name={lm_dir}", f"data.train={data}", "data.max_length=64", "data.eval_fraction=0",
                               "adapter.kind=lora", "adapter.targets=[q_proj,v_proj]", "adapter.r=4",
                               "training.lr=5e-3", "training.batch_size=4", "training.log_every=1", "training.save_every=0",
+                              "data.packing=false", "training.bf16=false",  # the unpacked fp32 semantics tested here
                               f"output.dir={out}", "output.progress=false", *extra])
 
 

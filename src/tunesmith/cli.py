@@ -9,7 +9,7 @@ from pathlib import Path
 EPILOG_TRAIN = """\
 overrides: any config field as section.key=value, e.g.
   tunesmith train examples/bbc_lora.yaml training.lr=1e-3 training.epochs=2 adapter.r=16
-sections: model, adapter, freeze, head, data, objective, training, output (see docs/config.md)
+sections: model, adapter, freeze, head, data, objective, training, distributed, output (see docs/config.md)
 Text values are taken as written: data.train="/data/my set #2/x.jsonl" keeps the '#' (quote the whole argument
 for your shell); numbers, true/false, null and [lists] are read as YAML.
 The run folder (output.dir) gets config.yaml, run.json, metrics.jsonl, loss.png, checkpoints/, and adapter/ (an
@@ -43,10 +43,17 @@ def cmd_train(args) -> int:
     cfg = load_config(config, overrides)
     if args.quiet:
         cfg.output.progress = False
+    from .train.distributed import exec_torchrun, is_main_process, launched_by_torchrun
+    if args.nproc > 1 and not launched_by_torchrun():  # torchrun runs this command again in each process
+        exec_torchrun(args.nproc, ["train", *([args.config] if args.config else []), *args.overrides,
+                                   *(f for f, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
+                                                     ("--quiet", args.quiet)) if on)])
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         return 130
+    if not is_main_process():
+        return 0  # under torchrun rank 0 reports
     before = result.get("before") or {}
     keys = ["steps", "first_loss", "final_loss", *(k for k in result if k.startswith("eval_")), "seconds"]
     print("\n" + "\n".join(f"{k:>16}: {result[k]:.4f}" if isinstance(result.get(k), float) else f"{k:>16}: {result[k]}"
@@ -70,7 +77,8 @@ def cmd_eval(args) -> int:
     if not spec:
         raise SystemExit("no evaluation data: pass --data FILE (the run had no data.eval)")
     examples = encode_eval_set(spec, run)
-    result = evaluate(run.model, examples, run.objective, run.pad_id, args.batch_size)
+    result = evaluate(run.model, examples, run.objective, run.pad_id, args.batch_size,
+                      bf16=bool(run.cfg.training.bf16))  # as the run evaluated itself
     print(json.dumps({"data": spec, "examples": len(examples), **result}, indent=2))
     return 0
 
@@ -81,6 +89,9 @@ def _messages(args, prompt: str) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
+    from .cli_diffusion import generate_images, is_diffusion_run
+    if is_diffusion_run(args.model):  # an image run: a prompt grid PNG, with and without the adapter
+        return generate_images(args)
     from .generate import generate, load_generator
     model, tok, template = load_generator(args.model, args.device, args.template)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -126,7 +137,8 @@ def cmd_merge(args) -> int:
     run = load_run(args.run, merge=True)
     write_model_folder(Path(args.out), run.model, run.tokenizer, run.info.labels, run.info.objective_params)
     head = (Path(args.out) / "head.safetensors").exists()
-    print(f"merged model written to {args.out} (loads with transformers' from_pretrained"
+    loader = getattr(run.model, "loads_with", "transformers' from_pretrained")  # diffusion: a pipeline folder
+    print(f"merged model written to {args.out} (loads with {loader}"
           f"{f'; the {run.info.task} head is head.safetensors, described in head.json' if head else ''}"
           f"{', labels in labels.json' if run.info.labels else ''})")
     return 0
@@ -240,18 +252,33 @@ def cmd_serve(args) -> int:
     import uvicorn
     from .service.app import create_app
     app = create_app(args.data, keys, _bases(args.model), args.max_upload_mb,
-                     start_worker=not args.no_worker, device=args.device, job_config=args.job_config)
+                     start_worker=not args.no_worker, device=args.device, job_config=args.job_config,
+                     allow_python_graders=args.allow_python_graders, db=_database(args))
     access = "WITHOUT authentication (--no-auth)" if keys is None else f"{len(keys)} API key(s)"
-    print(f"tunesmith API on http://{args.host}:{args.port}/v1 (web page at /), {access}, data in {args.data}")
+    print(f"tunesmith API on http://{args.host}:{args.port}/v1 (web page at /), {access}, data in {args.data}, "
+          f"store {app.state.store.path}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _database(args) -> str | None:
+    """--db, also for the job processes a worker starts (they open the store named by $TUNESMITH_DB)."""
+    if args.db:
+        import os
+        os.environ["TUNESMITH_DB"] = args.db
+    return args.db
+
+
+DB_HELP = ("the store: sqlite (a file in --data) or postgresql://USER@HOST:PORT/DATABASE, shared by workers on several "
+           "machines with --data on a shared path (default: $TUNESMITH_DB, else the database --data was first used "
+           "with, else sqlite; docs/service.md)")
 
 
 def cmd_worker(args) -> int:
     import json as _json
     from .service.store import Store
     from .service.worker import work_forever
-    store = Store(args.data)
+    store = Store(args.data, _database(args))
     if not (store.dir / "bases.json").exists():
         (store.dir / "bases.json").write_text(_json.dumps(_bases(args.model)))
     print(f"worker on {store.path}: running queued jobs one at a time (Ctrl-C stops)")
@@ -279,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in output.dir (without it, a folder that holds anything is refused)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="train with N processes on this machine (torchrun; distributed.strategy: ddp or fsdp; "
+                        "several machines: docs/distributed.md)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a finished run", description="Evaluate a run folder on its eval data or --data.")
@@ -294,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("model", help="run folder, packaged model name (smollm2-135m-instruct), HF folder or .gguf")
         if name == "generate":
             g.add_argument("--prompt", action="append", help="a user message (repeatable; default: one per stdin line)")
+            from .cli_diffusion import add_generate_options; add_generate_options(g)  # noqa: E702 - diffusion runs
         g.add_argument("--system", help="system message to put first")
         g.add_argument("--max-new-tokens", type=positive_int, default=128, help="longest reply in tokens (default 128)")
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
@@ -338,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve files, fine-tuning jobs, models and chat completions with OpenAI's HTTP API "
                                    "(point the openai client at http://HOST:PORT/v1). Jobs run in a worker, one at a time.")
     s.add_argument("--data", default="tunesmith-data", help="data folder: SQLite store, uploads, runs (default tunesmith-data)")
+    s.add_argument("--db", help=DB_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--api-key", action="append", help="accepted bearer key (repeatable; also TUNESMITH_API_KEYS=a,b); "
@@ -353,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "training: {lr: 1e-4, bf16: true, save_every: 50}, data: {max_length: 1024}; training.lr is the "
                         "rate at learning_rate_multiplier=1 (default: LoRA r=8 on all linear layers, lr 2e-4, "
                         "max_length 512, a checkpoint every 5 steps)")
+    s.add_argument("--allow-python-graders", action="store_true",
+                   help="let reinforcement jobs use OpenAI's `python` grader: it runs the job's Python code in the "
+                        "training process, so allow it only for users you trust (default: refused with a 400)")
     s.add_argument("--device", default="auto", help="where chat completions run: " + DEVICE_HELP +
                    " (training jobs use a GPU when there is one)")
     s.set_defaults(func=cmd_serve)
@@ -360,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("worker", help="run queued fine-tuning jobs", description="Run jobs from a serve data folder, one at a time.")
     k.add_argument("--data", default="tunesmith-data", help="the data folder `tunesmith serve` uses")
     k.add_argument("--model", action="append", metavar="NAME=PATH", help="extra base models, as for serve")
+    k.add_argument("--db", help=DB_HELP)
     k.set_defaults(func=cmd_worker)
 
     i = sub.add_parser("inspect", help="list modules and suggested LoRA targets",
@@ -369,15 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load as a causal LM (default) or as an encoder with a classification head")
     i.add_argument("--all", action="store_true", help="print every module with its type and parameter count")
     i.set_defaults(func=cmd_inspect)
+    from .cli_weak import add_parser as add_weak; add_weak(sub)  # noqa: E702 - `tunesmith weak analyze|label`
+    from .cli_diffusion import add_parser as add_diffusion; add_diffusion(sub)  # noqa: E702 - `tunesmith import-lora`
+    from .cli_score import add_parser as add_score; add_score(sub)  # noqa: E702 - `tunesmith score`
+    from .cli_export import add_parser as add_export; add_export(sub)  # noqa: E702 - `tunesmith export --gguf`
     return p
 
 
 def _flags_first(argv: list[str]) -> list[str]:
     """`train` takes its flags anywhere, also between overrides (`train cfg.yaml --resume training.x=1`): its
-    flags take no values, so they move in front of the positional config and overrides."""
+    flags (but --nproc N) take no values, so they move in front of the positional config and overrides."""
     if not argv or argv[0] != "train":
         return argv
-    return ["train", *(a for a in argv[1:] if a.startswith("-")), *(a for a in argv[1:] if not a.startswith("-"))]
+    flags, rest, items = [], [], iter(argv[1:])
+    for a in items:
+        (flags if a.startswith("-") else rest).append(a)
+        if a == "--nproc":
+            flags.append(next(items, ""))
+    return ["train", *flags, *rest]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,10 +49,11 @@ class ModelConfig:
     name: str = "all-minilm-l6-v2"
     """A packaged model (`smollm2-135m-instruct`, `all-minilm-l6-v2`), a transformers folder, or a `.gguf`
     file (dequantised once, cached in `$TUNESMITH_CACHE`, default `~/.cache/tunesmith`)."""
-    task: Literal["auto", "classification", "regression", "token_classification", "causal_lm"] = "auto"
+    task: Literal["auto", "classification", "regression", "token_classification", "causal_lm", "diffusion"] = "auto"
     """`classification` / `regression` (backbone + a new head on the pooled sequence), `token_classification`
-    (backbone + a new head on every token), `causal_lm`, or `auto`: the model the objective trains (set by
-    `objective.type`, or by the data format); another value must agree with it."""
+    (backbone + a new head on every token), `causal_lm`, `diffusion` (a diffusers pipeline folder's UNet and
+    text encoders), or `auto`: the model the objective trains (set by `objective.type`, or by the data format);
+    another value must agree with it."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """The weights' dtype."""
 
@@ -93,6 +94,39 @@ class HeadConfig:
 
 
 @dataclass
+class WeakConfig:
+    """Weak supervision: labeling functions label the training texts, a label model combines their votes into
+    probabilistic labels, and `soft_classification` trains on those (see [weak-supervision.md](weak-supervision.md))."""
+
+    functions: list[str] = field(default_factory=list)
+    """Labeling functions: YAML rules files (keyword / regex / prompted rules) and Python functions as
+    `module:function` or `path/to/lfs.py:function` (`text -> label`, None or -1 to abstain). Required."""
+    labels: Optional[list[str]] = None
+    """The classes, in order; null: the rules files' `labels:`, else the labels the rules vote for (sorted)."""
+    label_model: Literal["dawid_skene", "majority"] = "dawid_skene"
+    """How votes become labels: `dawid_skene` (EM over each function's confusion matrix and the class
+    balance, no gold needed) or `majority` (vote shares; the baseline)."""
+    class_balance: Optional[list[float]] = None
+    """A fixed class prior P(y), one weight per class (normalised); null: estimated by the label model."""
+    cache: bool = True
+    """Reuse label-matrix columns computed before for the same texts and function definitions
+    (`$TUNESMITH_CACHE/weak`); false recomputes and rewrites them."""
+    prompt_model: str = "smollm2-135m-instruct"
+    """The chat model prompted rules ask (a rule's own `model:` wins)."""
+    prompt_batch_size: int = 16
+    """Texts per forward pass of the prompted rules' chat model."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.functions), "data.weak.functions: give at least one rules file (.yaml) or module:function")
+        _require(self.labels is None or len(set(self.labels)) == len(self.labels) >= 2,
+                 "data.weak.labels: need at least two distinct classes, or null")
+        _require(self.class_balance is None or (all(w > 0 for w in self.class_balance)
+                                                and (self.labels is None or len(self.class_balance) == len(self.labels))),
+                 "data.weak.class_balance: one positive weight per class, or null to estimate it")
+        _require(self.prompt_batch_size >= 1, "data.weak.prompt_batch_size: must be at least 1")
+
+
+@dataclass
 class DataConfig:
     """The training and evaluation data (see [data.md](data.md))."""
 
@@ -106,9 +140,10 @@ class DataConfig:
     """Tokens per example."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """What to do with examples longer than max_length (counts are reported)."""
-    packing: bool = False
-    """Pack short examples into full rows (LM objectives; best-fit decreasing); attention never crosses
-    examples."""
+    packing: Optional[bool] = None
+    """Pack short examples into full rows of max_length tokens (best-fit decreasing); attention never crosses
+    examples, so the loss is the same, with far less padding. null (default): on for next-token objectives
+    (sft, causal_lm), off for the others; then training.batch_size counts rows, not examples."""
     eval_fraction: float = 0.1
     """Held out from train (seeded) when there is no eval file."""
     max_examples: Optional[int] = None
@@ -121,8 +156,20 @@ class DataConfig:
     """Images: resize to image_size x image_size."""
     augment: Literal["none", "crop", "flip", "crop_flip"] = "none"
     """Images: training augmentation."""
+    caption_dropout: float = 0.0
+    """Image–caption data (diffusion): the share of training captions replaced by the empty caption, so the
+    model also learns the unconditional prediction that classifier-free guidance uses (typical: 0.1)."""
+    weak: Optional[WeakConfig] = None
+    """Weak supervision: label the training texts with labeling functions instead of their labels, e.g.
+    `{functions: [rules.yaml], label_model: dawid_skene}` (fields: [weak-supervision.md](weak-supervision.md))."""
+    chat_template: Optional[str] = None
+    """The chat template that renders chat data: `chatml`, `llama3` or a path to a `.jinja` file; null: the
+    tokenizer's own. For base models without one. Saved with the run's adapter or model (`chat_template.jinja`)
+    and used again by chat, generate, eval and export (see [ecosystem.md](ecosystem.md))."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.weak, dict):  # a nested section: built (and checked) like every other
+            self.weak = build(WeakConfig, self.weak, "data.weak")
         formats = data_formats()
         _require(self.format in formats, f"data.format: must be one of {', '.join(formats)}; got {self.format!r}")
         _require(0 <= self.eval_fraction < 1, "data.eval_fraction: must be in [0, 1)")
@@ -132,6 +179,10 @@ class DataConfig:
                      f"data.{key}: must be at least 1, or null for all")
         _require(self.max_errors >= 1, "data.max_errors: must be at least 1")
         _require(self.image_size >= 8, "data.image_size: must be at least 8 pixels")
+        _require(0 <= self.caption_dropout < 1, "data.caption_dropout: must be in [0, 1)")
+        from .chat_templates import is_template_spec
+        _require(self.chat_template is None or is_template_spec(self.chat_template),
+                 f"data.chat_template: use chatml, llama3 or a path to a .jinja file; got {self.chat_template!r}")
 
 
 @dataclass
@@ -143,7 +194,46 @@ class ObjectiveConfig:
     completions), `causal_lm` (every token), `classification`, `regression` (a number per text),
     `token_classification` (a tag per word). See [tasks.md](tasks.md)."""
     label_smoothing: float = 0.0
-    """Label smoothing for classification (training loss only; evaluation reports the plain loss)."""
+    """Label smoothing for classification (training loss only; evaluation reports the plain loss); for `dpo`
+    with `loss_type: sigmoid` or `simpo`, conservative DPO's assumed share of flipped preference labels (< 0.5)."""
+    beta: float = 0.1
+    """`dpo`: how far the policy may move from the reference (the implicit reward is beta x the log-prob
+    ratio; IPO's regularisation tau; SimPO's reward scale). `grpo`: the weight of the KL penalty to the
+    reference (0 drops it, and no reference is needed)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    """`dpo`'s loss: `sigmoid` (DPO), `ipo`, `hinge` (SLiC), or `simpo` (reference-free, length-normalised
+    log-probs with a target margin `simpo_gamma`)."""
+    simpo_gamma: float = 0.5
+    """`dpo` with `loss_type: simpo`: the target reward margin gamma."""
+    reference: Literal["auto", "adapters_disabled", "copy", "precomputed"] = "auto"
+    """The reference model of `dpo` and `grpo`: `adapters_disabled` (the same model with its adapters turned
+    off: no second copy in memory), `copy` (a frozen copy of the starting model), `precomputed` (`dpo` only:
+    reference log-probs computed once before training and stored in the run folder), or `auto`
+    (adapters_disabled when training an adapter, else copy)."""
+    num_generations: int = 4
+    """`grpo`: completions sampled per prompt (the group whose mean and spread make the advantages)."""
+    max_completion_length: int = 64
+    """`grpo`: the longest completion sampled, in tokens."""
+    temperature: float = 1.0
+    """`grpo`: the sampling temperature of the completions."""
+    epsilon: float = 0.2
+    """`grpo`: the clipping range of the probability ratio (PPO's epsilon)."""
+    reward_funcs: Optional[list[str]] = None
+    """`grpo`: Python reward functions, `module:function` or `path/to/file.py:function`, each called as
+    `f(prompt, completion, **fields) -> float` with the row's other fields (e.g. `answer`)."""
+    reward_weights: Optional[list[float]] = None
+    """`grpo`: one weight per reward source (reward_funcs, then reward_model); null: all 1."""
+    reward_model: Optional[str] = None
+    """`grpo`: a run folder of a trained `reward` objective whose score is a reward."""
+    graders: Optional[list[str]] = None
+    """`grpo`: OpenAI grader objects as rewards, each a JSON file (`string_check`, `text_similarity`, `multi`,
+    `python`; see [preference.md](preference.md)), scored against the row's fields (`{{item.answer}}`)."""
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    """`diffusion`: what the UNet learns to predict: `epsilon` (the noise) or `v_prediction` (the velocity, as
+    SD 2.x 768 px models do); `auto`: what the pipeline's scheduler config says."""
+    snr_gamma: Optional[float] = None
+    """`diffusion`: min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is the paper's choice): a timestep's
+    loss is weighted by min(SNR, gamma) / SNR (epsilon) or min(SNR, gamma) / (SNR + 1) (v_prediction); null: off."""
 
     def __post_init__(self) -> None:
         if self.type != "auto":  # the default needs no registry (and no torch import)
@@ -151,6 +241,19 @@ class ObjectiveConfig:
             _require(self.type in names,
                      f"objective.type: must be auto or one of {', '.join(names)}; got {self.type!r}")
         _require(0 <= self.label_smoothing < 1, "objective.label_smoothing: must be in [0, 1)")
+        _require(0 <= self.beta < math.inf, "objective.beta: must be >= 0 (typical: 0.1 for dpo, 0.04 for grpo)")
+        _require(0 <= self.simpo_gamma < math.inf, "objective.simpo_gamma: must be >= 0")
+        _require(self.snr_gamma is None or 0 < self.snr_gamma < math.inf,
+                 "objective.snr_gamma: must be positive (typical: 5.0), or null for unweighted")
+        _require(self.num_generations >= 2, "objective.num_generations: must be at least 2 (advantages compare "
+                                            "completions of the same prompt)")
+        _require(self.max_completion_length >= 1, "objective.max_completion_length: must be at least 1")
+        _require(0 < self.temperature < math.inf, "objective.temperature: must be positive")
+        _require(0 < self.epsilon < 1, "objective.epsilon: must be in (0, 1)")
+        sources = len(self.reward_funcs or []) + (self.reward_model is not None)
+        _require(self.reward_weights is None or len(self.reward_weights) == sources,
+                 f"objective.reward_weights: give one weight per reward source ({sources}: reward_funcs, then "
+                 "reward_model), or null")
 
 
 @dataclass
@@ -181,8 +284,10 @@ class TrainingConfig:
     """Warmup in steps."""
     max_grad_norm: Optional[float] = 1.0
     """Gradient clipping (null: off)."""
-    bf16: bool = False
-    """bfloat16 autocast (weights stay float32)."""
+    bf16: Optional[bool] = None
+    """bfloat16 autocast (weights stay float32). null (default): on where the hardware does bf16 natively (a
+    CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX), after a check that the first batch's loss agrees with
+    fp32; off elsewhere. The choice is printed and saved in the run's config.yaml."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, more time."""
     device: str = "auto"
@@ -206,9 +311,17 @@ class TrainingConfig:
     """Seeds the data order, head initialisation and dropout."""
     eval_batch_size: int = 32
     """Examples per evaluation batch."""
+    sample_prompts: Optional[list[str]] = None
+    """User messages the model answers (greedily) at each evaluation, so you see it change, not only the loss:
+    written to samples.jsonl in the run folder, printed, and sent to output.report_to. Language models only."""
+    sample_max_new_tokens: int = 64
+    """The longest sample reply, in tokens."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "training.batch_size: must be at least 1")
+        _require(self.sample_max_new_tokens >= 1, "training.sample_max_new_tokens: must be at least 1")
+        _require(all(isinstance(p, str) and p.strip() for p in self.sample_prompts or []),
+                 "training.sample_prompts: give a list of non-empty user messages, e.g. [\"What is LoRA?\"]")
         _require(self.grad_accum >= 1, "training.grad_accum: must be at least 1")
         _require(0 < self.lr < math.inf, "training.lr: must be positive (typical: 2e-4 for LoRA, 2e-5 for full fine-tuning)")
         _require(self.max_steps is None or self.max_steps >= 1, "training.max_steps: must be at least 1, or null "
@@ -231,6 +344,19 @@ class TrainingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Training on several processes, launched by torchrun: `tunesmith train CONFIG --nproc N`, or
+    `torchrun --nproc-per-node N -m tunesmith train CONFIG` (see [distributed.md](distributed.md)). One process
+    (no torchrun) ignores this section."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """`ddp`: every process holds the whole model and gradients are averaged (DistributedDataParallel); `fsdp`:
+    parameters, gradients and optimizer state are sharded over the processes (FSDP2 `fully_shard`, each block
+    and the root), for models that do not fit one device. Either way each process takes its share of every
+    batch: training.batch_size stays the global batch, and the losses are those of one process."""
+
+
+@dataclass
 class OutputConfig:
     """Where the run is saved."""
 
@@ -238,6 +364,16 @@ class OutputConfig:
     """The run folder (config.yaml, metrics.jsonl, loss.png, checkpoints/, and adapter/, head/ or model/)."""
     progress: bool = True
     """Show a progress bar (loss, lr, tokens/s)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get the config, every metrics line, the samples and the loss plot:
+    `tensorboard` (event files in the run's tensorboard/ folder), `mlflow` (MLFLOW_TRACKING_URI, default
+    ./mlruns), `trackio` (TRACKIO_DIR). See [ecosystem.md](ecosystem.md)."""
+
+    def __post_init__(self) -> None:
+        from .trackers import TRACKERS
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        _require(not unknown, f"output.report_to: unknown tracker {', '.join(map(repr, unknown))}; use any of "
+                              f"{', '.join(TRACKERS)}")
 
 
 @dataclass
@@ -251,6 +387,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> "RunConfig":

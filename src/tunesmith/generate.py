@@ -54,8 +54,27 @@ def generate(model, tok, messages: list[dict], max_new_tokens: int = 128, temper
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False)
+    text_stops = stop_at_turn_end(tok, kwargs) if template == "chat" else []
     if stream:
         kwargs["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
         out = model.generate(ids, **kwargs)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    for marker in text_stops:  # a turn end the vocabulary spells in several tokens (data.chat_template)
+        reply = reply.split(marker)[0]
+    return reply.strip()
+
+
+def stop_at_turn_end(tok, kwargs: dict) -> list[str]:
+    """Stop generating where the chat template ends a turn (e.g. <|im_end|>, <|eot_id|>) as well as at EOS: as
+    a token id when it is one token, else as a stop string. Returns the stop strings."""
+    from .chat_templates import is_single_token, turn_end_markers
+    markers = turn_end_markers(tok)
+    ids = [tok.convert_tokens_to_ids(m) for m in markers if is_single_token(tok, m)]
+    ids = [i for i in ids if i != tok.eos_token_id]
+    if ids:
+        kwargs["eos_token_id"] = ([tok.eos_token_id] if tok.eos_token_id is not None else []) + ids
+    text = [m for m in markers if not is_single_token(tok, m)]
+    if text:
+        kwargs.update(stop_strings=text, tokenizer=tok)
+    return text

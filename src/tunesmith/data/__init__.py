@@ -8,7 +8,7 @@ from typing import Callable
 from .builtin import is_builtin, load_builtin
 from .formats import DataError, Problem, Record, read_records, validate
 from .packing import pack_examples
-from .tokenize import encode_records
+from .preference import encode_records  # pairs and RL prompts; every other format is passed on to tokenize
 
 __all__ = ["DataError", "PreparedData", "Problem", "Record", "load_records", "prepare_data", "read_records", "validate"]
 
@@ -64,15 +64,26 @@ def _unseen_classes(records: list[Record], fmt: str, index: dict, labels: list, 
 CLASSED = ("classification", "token_classification")  # formats whose targets are classes from a fixed set
 
 
+def reading_format(data_cfg, objective) -> str:
+    """data.format; when auto, the format the objective reads every row as (online RL: a prompt), if it has one."""
+    return data_cfg.format if data_cfg.format != "auto" else getattr(objective, "data_format", None) or "auto"
+
+
 def prepare_data(data_cfg, tok, objective, seed: int = 0) -> PreparedData:
     """Read, validate, split, tokenize and (for LM objectives, when asked) pack the run's data. All problems
     at once. `objective` is the objective's class: it may change each encoded example and says if it packs."""
+    if getattr(data_cfg, "weak", None) is not None:  # labels come from labeling functions (tunesmith.weak)
+        from ..weak.data import prepare_weak_data
+        return prepare_weak_data(data_cfg, tok, objective, seed)
+    from ..chat_templates import use_chat_template
+    template_note = use_chat_template(tok, getattr(data_cfg, "chat_template", None))  # data.chat_template
     train_recs, problems = load_records(data_cfg.train)
     eval_recs, eval_problems = load_records(data_cfg.eval) if data_cfg.eval else ([], [])
-    fmt = validate(train_recs, problems + eval_problems, data_cfg.format, data_cfg.max_errors)
+    fmt = validate(train_recs, problems + eval_problems, reading_format(data_cfg, objective), data_cfg.max_errors)
     if eval_recs:
         validate(eval_recs, [], fmt, data_cfg.max_errors)
-    notes: list[str] = []
+    notes: list[str] = [r for r in (template_note, getattr(train_recs, "report", ""), getattr(eval_recs, "report", ""))
+                        if r]  # the chat template chosen, what data/convert.py read and mapped
     train_recs = seeded_sample(train_recs, data_cfg.max_examples, seed, "training", "max_examples", notes)
     if not eval_recs and data_cfg.eval_fraction > 0:
         train_recs, eval_recs = holdout_split(train_recs, data_cfg.eval_fraction, seed, notes)
@@ -115,7 +126,7 @@ def prepare_eval(spec: str, tok, data_cfg, objective, labels: list | None, modal
         from ..vision.data import encode_images
         return encode_images(spec, data_cfg.image_size, {v: i for i, v in enumerate(labels)})[0]
     records, problems = load_records(spec)
-    fmt = validate(records, problems, data_cfg.format, data_cfg.max_errors)
+    fmt = validate(records, problems, reading_format(data_cfg, objective), data_cfg.max_errors)
     if fmt not in objective.formats:
         raise DataError([Problem(spec, 0, "format", f"this is {fmt} data, but the run trained {objective.name} on "
                                                     f"{' or '.join(objective.formats)} data")])

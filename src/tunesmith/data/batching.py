@@ -1,8 +1,9 @@
 """Batches: padding, masks, and a deterministic order that a resumed run can reproduce exactly.
 
 A collated batch holds the model's inputs (MODEL_INPUTS) beside its targets: `labels` (next-token ids,
-IGNORE = no loss), `label` (a class per example), `value` (a number per example) or `tags` (a class per
-token, IGNORE = untagged). Objectives read the targets; the data side alone knows the inputs.
+IGNORE = no loss), `label` (a class per example), `value` (a number per example), `tags` (a class per
+token, IGNORE = untagged) or `soft_label` (a probability per class, beside `label`). Objectives read the
+targets; the data side alone knows the inputs.
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     if "pixel_values" in examples[0]:
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "label": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
+    if "rejected_input_ids" in examples[0] or "prompt" in examples[0]:  # preference pairs, prompts for online RL
+        from .preference import collate_preference
+        return collate_preference(examples, pad_id)
+    if all(isinstance(v, torch.Tensor) for v in examples[0].values()):  # fixed-size examples (diffusion: latents
+        return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}  # and caption states): stacked
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     batch: dict[str, torch.Tensor] = {}
@@ -64,6 +70,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
     if "value" in examples[0]:
         batch["value"] = torch.tensor([e["value"] for e in examples], dtype=torch.float32)
+    if "soft_label" in examples[0]:  # weak supervision: the label model's probability per class
+        batch["soft_label"] = torch.tensor([e["soft_label"] for e in examples], dtype=torch.float32)
     return batch
 
 

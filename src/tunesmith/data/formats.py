@@ -8,6 +8,10 @@ Formats users already have:
   token_classification {"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]}
                      (NER / POS: one tag per word; tags as strings or ints)
   regression         {"text": "...", "value": 3.2}        (a finite number per text; also CSV with text,value)
+  preference         {"prompt": ..., "chosen": ..., "rejected": ...} (TRL's, plain or conversational, implicit prompt)
+                     or {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}
+                     (OpenAI's DPO); reward models and DPO (see data/preference.py)
+  prompt_only        {"prompt": ...} or {"messages": [...]} plus any fields for the reward functions (online RL)
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from pathlib import Path
 
 from ..errors import TunesmithError
 
-FORMATS = ("chat", "prompt_completion", "text", "classification", "token_classification", "regression")
+FORMATS = ("chat", "prompt_completion", "text", "classification", "token_classification", "regression", "preference",
+           "prompt_only")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -53,12 +58,19 @@ class DataError(TunesmithError, ValueError):
 
 
 def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
-    """Parse a .jsonl/.json-lines or .csv file. Bad lines become problems, never exceptions."""
+    """Parse a .jsonl / .json / .csv / .parquet / .arrow file or a Hugging Face datasets folder (data/convert.py;
+    ShareGPT and Alpaca rows become chat rows). Bad lines become problems, never exceptions. The records list
+    carries `.report`: one line saying what was read and mapped, when anything was."""
+    from .convert import convert_rows, read_json_array, read_table
     path = Path(path)
     if not path.exists():
         raise DataError([Problem(str(path), 0, "file", "not found")])
+    table = read_table(path)  # a datasets folder, Parquet or Arrow: read with their own libraries
+    if table is not None:
+        return convert_rows(table[0], table[1], path, table[2]), table[1]
     if path.is_dir():
-        raise DataError([Problem(str(path), 0, "file", "is a folder; give a JSONL or CSV file")])
+        raise DataError([Problem(str(path), 0, "file", "is a folder; give a JSONL, JSON, CSV, Parquet or Arrow file, "
+                                                       "or a folder written by datasets' save_to_disk")])
     if path.suffix.lower() == ".csv":
         records, problems = _read_csv(path)
         if not records and not problems:
@@ -70,9 +82,9 @@ def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
             line = raw.rstrip("\r\n")
             if not line.strip():
                 continue
-            if not records and not problems and line.lstrip().startswith("["):
-                return [], [Problem(str(path), i, "json", "this is a JSON array, not JSON Lines: write one object "
-                                                          "per line (e.g. jq -c '.[]' file.json > file.jsonl)")]
+            if not records and not problems and line.lstrip().startswith("["):  # one JSON array of records
+                records, problems = read_json_array(path)
+                return convert_rows(records, problems, path, "JSON array"), problems
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -84,7 +96,7 @@ def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
             records.append(Record(str(path), i, obj))
     if not records and not problems:
         problems.append(Problem(str(path), 0, "file", "is empty"))
-    return records, problems
+    return convert_rows(records, problems, path), problems
 
 
 def _read_csv(path: Path) -> tuple[list[Record], list[Problem]]:
@@ -112,8 +124,12 @@ def _read_csv(path: Path) -> tuple[list[Record], list[Problem]]:
 
 
 def detect_format(data: dict) -> str | None:
+    if any(k in data for k in ("chosen", "rejected", "preferred_output", "non_preferred_output")):
+        return "preference"
     if "messages" in data:
         return "chat"
+    if "prompt" in data and "completion" not in data:
+        return "prompt_only"
     if "prompt" in data or "completion" in data:
         return "prompt_completion"
     if "tokens" in data or "tags" in data:
@@ -253,6 +269,8 @@ CHECKS = {
     "token_classification": _check_token_classification,
     "regression": _check_regression,
 }
+from .preference import check_preference, check_prompt_only  # noqa: E402 (it reads Problem, Record, ROLES above)
+CHECKS.update(preference=check_preference, prompt_only=check_prompt_only)
 
 
 def check_record(rec: Record, fmt: str) -> list[Problem]:
@@ -263,6 +281,13 @@ def check_record(rec: Record, fmt: str) -> list[Problem]:
     out: list[Problem] = []
     check(rec, out)
     return out
+
+
+# (format of the file, format a row looks like) that are checked as the file's format: a text file may hold
+# classification / regression rows (their text is trained on); a prompt/completion row without its completion is
+# reported as such; online RL reads `messages` rows as prompts
+READ_AS = {("text", "classification"), ("text", "regression"), ("prompt_completion", "prompt_only"),
+           ("prompt_only", "chat")}
 
 
 def validate(records: list[Record], problems: list[Problem], fmt: str = "auto", max_errors: int = 20) -> str:
@@ -278,11 +303,10 @@ def validate(records: list[Record], problems: list[Problem], fmt: str = "auto", 
             raise DataError(problems + ([Problem(first.source, first.line, "keys",
                                                  f"cannot tell the format from keys {sorted(first.data)}; expected "
                                                  "messages | prompt+completion | tokens+tags | text+label | "
-                                                 "text+value | text")] if first else []))
+                                                 "text+value | text | prompt+chosen+rejected | prompt")] if first else []))
     for rec in records:
         found = detect_format(rec.data)
-        # a text file may hold classification / regression rows: their text is trained on, the rest ignored
-        if found is not None and found != fmt and not (fmt == "text" and found in ("classification", "regression")):
+        if found is not None and found != fmt and (fmt, found) not in READ_AS:
             problems.append(Problem(rec.source, rec.line, "keys", f"looks like {found} but the file is {fmt} "
                                                                    f"(keys: {', '.join(sorted(rec.data))})"))
             continue

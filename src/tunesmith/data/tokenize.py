@@ -35,7 +35,8 @@ def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     """ids and labels for a conversation: labels are the ids inside trained assistant turns, else -100."""
     if not getattr(tok, "chat_template", None):
         raise DataError([Problem("tokenizer", 0, "chat_template", "this model's tokenizer has no chat template; "
-                                                                  "use prompt/completion or text data instead")])
+                                                                  "set data.chat_template (chatml, llama3 or a "
+                                                                  ".jinja file), or use prompt/completion or text data")])
     clean = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
     ids = _template_ids(tok, clean, add_generation_prompt=False)
     labels = [IGNORE] * len(ids)

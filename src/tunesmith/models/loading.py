@@ -149,7 +149,8 @@ HEADS = ("classification", "regression", "token_classification")  # a backbone w
 def load_model(spec: str, task: str, num_labels: int | None = None, pooling: str = "mean",
                head_dropout: float = 0.1, dtype: str = "float32"):
     """Load `spec` for a task: 'causal_lm' (AutoModelForCausalLM), or a backbone with a new head:
-    'classification' / 'token_classification' (num_labels outputs) or 'regression' (one output)."""
+    'classification' / 'token_classification' (num_labels outputs) or 'regression' (one output); 'diffusion':
+    a diffusers pipeline folder's UNet and text encoder(s) (tunesmith.diffusion.pipeline.DiffusionModel)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     from ..heads import TaskModel
@@ -158,6 +159,9 @@ def load_model(spec: str, task: str, num_labels: int | None = None, pooling: str
         if task != "classification":
             raise TunesmithError(f"{spec} is an image classifier; task must be classification")
         return load_vision_model(spec, num_labels)
+    if task == "diffusion":  # a diffusers pipeline folder: its UNet and text encoder(s) as one module
+        from ..diffusion.pipeline import load_diffusion_model
+        return load_diffusion_model(spec, dtype)
     path = resolve_model(spec)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if task == "causal_lm":

@@ -15,6 +15,10 @@ An objective is a small dataclass (its fields are what a finished run must remem
   unit, units        the throughput unit ('tokens': real, non-padding tokens; 'images') and how many a batch holds
   collect, metrics   evaluation: per-batch values to keep, then the eval_* metrics from the totals
   headline           the metric that says "better" (WiSE-FT's sweep and early model choice), higher_is_better
+Optional, for objectives that need more (preference and RL objectives):
+  data_format        the format every row is read as when data.format is auto (online RL: prompt_only)
+  attach             called once by setup with the model (a reference copy, precomputed log-probs, a reward model)
+  step_metrics       training metrics beyond loss and accuracy, as (sum, count), averaged over each log window
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class Objective:
     packable: ClassVar[bool] = False
     headline: ClassVar[str] = "loss"
     higher_is_better: ClassVar[bool] = False
+    data_format: ClassVar[str | None] = None
 
     @classmethod
     def create(cls, cfg, data) -> "Objective":
@@ -73,6 +78,15 @@ class Objective:
 
     def metrics(self, loss_sum: float, count: int, correct: int | None, collected: dict[str, list]) -> dict[str, float]:
         return {"eval_loss": loss_sum / max(count, 1)}
+
+    def attach(self, model: nn.Module, tokenizer, data, run_dir, cfg, log=print) -> None:
+        """Called once by `setup` when the model is built and on its device, before a checkpoint is restored
+        (the weights are still the starting ones). `data` is the PreparedData, `run_dir` the run folder,
+        `cfg` the RunConfig."""
+
+    def step_metrics(self, out, batch: dict) -> dict[str, tuple[float, int]]:
+        """Extra training metrics of one micro-batch as {name: (sum, count)}; the log window averages them."""
+        return {}
 
     def score(self, metrics: dict[str, float]) -> float:
         """Higher is better: the headline metric, negated when lower is better."""

@@ -84,7 +84,7 @@ class DeclaredLengthLimit:
 
 def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str, str], max_upload_mb: float = 100,
                start_worker: bool = True, device: str = "auto", job_config: str | Path | None = None,
-               allow_python_graders: bool = False) -> FastAPI:
+               allow_python_graders: bool = False, db: str | None = None) -> FastAPI:
     """The app on data folder `data_dir`. api_keys: the accepted bearer keys, or None for no authentication
     (`serve --no-auth`). job_config: a YAML run-config fragment every job trains with (checked now, copied into
     the data folder so that `tunesmith worker` processes use it too). allow_python_graders: reinforcement jobs
@@ -94,7 +94,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
     if api_keys is not None and (not api_keys or not all(isinstance(k, str) and k.strip() for k in api_keys)):
         raise ValueError(f"api_keys must be non-empty strings (None turns authentication off), got {api_keys!r}")
     upload_bytes = int(max_upload_mb * 2**20)
-    store = Store(data_dir)
+    store = Store(data_dir, db)  # db: sqlite (None) or a PostgreSQL URL shared by a fleet of workers
     atomic_write_text(store.dir / "bases.json", json.dumps(bases))
     if job_config is not None:
         atomic_write_text(store.dir / JOB_CONFIG, check_job_config(job_config))

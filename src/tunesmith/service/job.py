@@ -38,7 +38,7 @@ JOB_CONFIG = "job_config.yaml"  # in the data folder: the server's --job-config,
 # How jobs train unless the server's --job-config says otherwise. training.lr is the rate at
 # learning_rate_multiplier = 1; epochs, batch size, seed and the files always come from the job itself.
 JOB_DEFAULTS = {"adapter": {"kind": "lora", "targets": "all-linear", "r": 8, "alpha": 16},
-                "data": {"max_length": 512, "eval_fraction": 0},
+                "data": {"max_length": 512, "eval_fraction": 0, "packing": False},  # steps count examples
                 "training": {"lr": 2e-4, "log_every": 1, "save_every": 5}}
 JOB_CONTROLLED = {"model": ("name",), "data": ("train", "eval"), "training": ("epochs", "max_steps", "batch_size", "seed"),
                   "output": ("dir",)}
@@ -203,7 +203,8 @@ class Reporter:
         if not self.still_ours(row):
             os._exit(75)  # write nothing more: the job belongs to another worker now
         job_id, step, total = self.job["id"], event.step, event.total_steps
-        metrics = {"step": step, "train_loss": event.loss, "train_mean_token_accuracy": event.accuracy}
+        metrics = {"step": step, "train_loss": event.loss, "train_mean_token_accuracy": event.accuracy,
+                   **{f"train_{k}": v for k, v in event.extra.items()}}  # DPO's reward margin, RL's mean reward
         if event.eval:
             metrics.update(valid_loss=event.eval["eval_loss"], valid_mean_token_accuracy=event.eval["eval_token_accuracy"])
         self.store.add_event(job_id, f"Step {step}/{total}: training loss={event.loss:.4f}", type_="metrics",

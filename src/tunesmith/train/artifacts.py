@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..adapters import load_adapter, save_adapter
+from ..chat_templates import apply_run_template, save_chat_template
 from ..config import RunConfig, load_config
 from ..errors import TunesmithError
 from ..io import atomic_directory, atomic_write_text
@@ -29,7 +30,12 @@ def save_result(run_dir: Path, model: nn.Module, tokenizer, cfg: RunConfig, info
     if info.labels is not None:
         atomic_write_text(run_dir / "labels.json", json.dumps(info.labels))
     if cfg.adapter is not None:
-        return save_adapter(model, run_dir / "adapter", metadata={"task": info.task}), "adapter"
+        saved = save_adapter(model, run_dir / "adapter", metadata={"task": info.task})
+        if cfg.data.chat_template:  # the template the run trained with, beside its adapter (chat_templates.py)
+            save_chat_template(tokenizer, saved)
+        if hasattr(model, "write_adapter_files"):  # the model's own ecosystem's files beside (diffusers' LoRA files)
+            model.write_adapter_files(saved)
+        return saved, "adapter"
     head = trained_head_only(model, cfg.freeze.batchnorm)
     if head is not None:
         with atomic_directory(run_dir / HEAD_ONLY) as tmp:
@@ -69,7 +75,8 @@ def write_model_folder(target: Path, model: nn.Module, tokenizer, labels: list |
             save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
             atomic_write_text(tmp / VISION_MARKER, json.dumps({"arch": "mobilenet_v2", "num_classes": len(labels)}))
             return target
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # a diffusion pipeline folder holds its own tokenizers
+            tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -91,6 +98,9 @@ def encode_eval_set(spec: str, run: LoadedRun) -> list[dict]:
     """Encode an evaluation file/dataset with a finished run's settings, objective and classes (from run.json:
     the training data is never read again)."""
     from ..data import prepare_eval
+    if run.info.format == "image_caption":  # a diffusion run: images + captions, encoded by its pipeline
+        from ..diffusion.data import encode_eval_set as encode_image_captions
+        return encode_image_captions(spec, run.cfg, run.info.model["name"], run.objective.num_train_timesteps)
     return prepare_eval(spec, run.tokenizer, run.cfg.data, run.objective, run.info.labels, run.info.modality)
 
 
@@ -114,6 +124,7 @@ def load_run(run_dir: str | Path, merge: bool = False) -> LoadedRun:
 def _load(run_dir: Path, cfg: RunConfig, info: RunInfo, merge: bool) -> LoadedRun:
     spec = info.model or model_spec(cfg)
     tok = None if info.modality == "image" else load_tokenizer(spec["name"])
+    apply_run_template(tok, run_dir, cfg.data.chat_template)  # data.chat_template, as the run trained
 
     def load(name: str) -> nn.Module:
         return load_model(name, info.task, num_labels=info.num_outputs, pooling=spec["pooling"],

@@ -16,10 +16,24 @@ from ..errors import TunesmithError
 from ..io import atomic_directory, atomic_write_bytes, atomic_write_text
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2-sharded one (DTensor) is gathered, a collective every rank calls in turn."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shaped_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full`, laid out as `param`: sharded as it is when `param` is an FSDP2 DTensor (any world size)."""
+    if not hasattr(param, "device_mesh") or full.shape != param.shape:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                             src_data_rank=None)  # every rank read the same file: each keeps its shard, no messages
+
+
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {f"param.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     out.update({f"buffer.{n}": b for n, b in model.named_buffers() if b is not None})
-    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+    return {k: _full(v.detach()).cpu().contiguous().clone() for k, v in out.items()}
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -28,7 +42,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous().clone()
+                tensors[f"opt.{idx}.{key}"] = _full(value.detach()).cpu().contiguous().clone()
             else:
                 scalars[f"{idx}.{key}"] = value
     groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
@@ -37,6 +51,13 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 def save_checkpoint(folder: Path, model: nn.Module, opt, scheduler, trainer_state: dict, rng_state: dict | None = None) -> Path:
     """Write checkpoint `folder` atomically. `rng_state` defaults to the current RNG state."""
+    return write_checkpoint(folder, *checkpoint_contents(model, opt, scheduler, trainer_state, rng_state))
+
+
+def checkpoint_contents(model: nn.Module, opt, scheduler, trainer_state: dict,
+                        rng_state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a checkpoint: whole tensors, also of a model sharded by FSDP2 (under torchrun every
+    rank calls this, and rank 0 writes)."""
     rng_state = rng_state or capture_rng()
     tensors = _model_tensors(model)
     opt_tensors, opt_meta = _optimizer_tensors(opt)
@@ -46,6 +67,10 @@ def save_checkpoint(folder: Path, model: nn.Module, opt, scheduler, trainer_stat
     meta = {"trainer": trainer_state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
             "rng_python": rng_state["python"]}
     meta["scheduler"].pop("lr_lambdas", None)
+    return tensors, meta
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     with atomic_directory(folder) as tmp:
         atomic_write_bytes(tmp / "state.safetensors", st_save(tensors))
         atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1, default=_jsonable))
@@ -88,14 +113,15 @@ def load_checkpoint(folder: Path, model: nn.Module, opt, scheduler) -> dict:
         for key, t in tensors.items():
             kind, _, name = key.partition(".")
             if kind == "param" and name in params:
-                params[name].copy_(t)
+                params[name].copy_(_shaped_like(t, params[name]))
             elif kind == "buffer" and name in buffers:
                 buffers[name].copy_(t)
     state: dict = {}
+    flat = [p for group in opt.param_groups for p in group["params"]]  # the optimizer's parameter numbering
     for key, t in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = t
+            state.setdefault(int(idx), {})[name] = _shaped_like(t, flat[int(idx)]) if int(idx) < len(flat) else t
     for key, v in meta["optimizer"]["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v

@@ -29,6 +29,8 @@ from .evaluate import evaluate
 from .metrics import plot_losses
 from .probe import run_linear_probe
 from .run import Run, StepEvent, StepMetrics, Summary, Window, add_sums, setup
+from .samples import write_samples
+from ..trackers import attach_trackers, finish_trackers
 
 
 class TrainingDiverged(TunesmithError):
@@ -67,6 +69,14 @@ def train_step(run: Run) -> StepMetrics:
         add_sums(extra, obj.step_metrics(out.detach(), b))
         del out
         units += obj.units(b)
+    return apply_step(run, loss_total, n_total, correct, units, extra, start)
+
+
+def apply_step(run: Run, loss_total: float, n_total: int, correct: int | None, units: int, extra: dict,
+               start: float) -> StepMetrics:
+    """The gradients of a whole step are in (summed over micro-batches, and under torchrun over ranks): clip,
+    step the optimizer and scheduler, count the step and log its metrics."""
+    t = run.cfg.training
     if not math.isfinite(loss_total):  # before the optimizer step: the weights stay as the last good step left them
         raise TrainingDiverged(f"the loss is {loss_total} at step {run.state.step + 1}: training diverged. Lower "
                                f"training.lr (now {t.lr:g}), keep training.max_grad_norm on, or check the data; "
@@ -98,6 +108,7 @@ def evaluate_now(run: Run, step: int) -> dict[str, float]:
     if result:
         run.metrics.write(event="eval", step=step, **result)
     run.last_eval, run.state.last_eval_step = result, step
+    write_samples(run, step)  # training.sample_prompts: greedy replies to samples.jsonl, the console, the trackers
     return result
 
 
@@ -145,7 +156,10 @@ def update_early_stop(run: Run, result: dict[str, float]) -> None:
         run.stopped_early = s.bad_evals >= patience
 
 
-def checkpoint(run: Run, rng: dict | None = None) -> Path:
+def checkpoint(run: Run, rng: dict | None = None) -> Path | None:
+    if run.dist is not None:  # torchrun: gathered from every rank, written by rank 0 (train/distributed.py)
+        from .distributed import save_checkpoint_distributed
+        return save_checkpoint_distributed(run, rng)
     folder = save_checkpoint(run.run_dir / "checkpoints" / f"step-{run.state.step}", run.model, run.opt, run.sched,
                              asdict(run.state), rng)
     prune_checkpoints(run.run_dir, run.cfg.training.keep_checkpoints)
@@ -184,6 +198,7 @@ def finish(run: Run, before: dict[str, float]) -> Summary:
     run.info.write(run.run_dir)
     records = run.metrics.read()
     plot = plot_losses(records, run.run_dir / "loss.png", f"{run.cfg.model.name}: {run.objective.name}")
+    finish_trackers(run, plot)  # output.report_to: the loss plot, then each tracker's run closed
     losses = [r["loss"] for r in records if r.get("event") == "train"]
     summary = Summary(run.state.step, run.total_steps, run.stopped_early, run.state.first_loss,
                       losses[-1] if losses else None, run.last_eval, before, run.params.trainable, run.params.total,
@@ -200,6 +215,12 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[StepEvent], N
     `on_step(event)` is called after every optimizer step with a StepEvent. `resume` continues the run in
     output.dir from its latest checkpoint; `overwrite` replaces a previous run there."""
     run = setup(cfg, resume, log, overwrite)
+    attach_trackers(run)  # output.report_to: every metrics line also goes to tensorboard / mlflow / trackio
+    log = run.log  # under torchrun, silent on every rank but 0
+    step, finish_run = train_step, finish
+    if run.dist is not None:  # torchrun: each rank its share of every batch; rank 0 saves (train/distributed.py)
+        from .distributed import finish_distributed, train_step_distributed
+        step, finish_run = train_step_distributed, finish_distributed
     before = start(run)
     t = cfg.training
     bar = _progress(run.total_steps, run.state.step, cfg.output.progress)
@@ -207,7 +228,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[StepEvent], N
     try:
         while run.state.step < run.total_steps:
             run.rng = capture_rng()  # the state a resumed run must start this step from
-            m = train_step(run)
+            m = step(run)
             bar.update(1)
             if m.step % t.log_every == 0 or m.step == run.total_steps:
                 bar.set_postfix(_postfix(run.last_record))
@@ -219,12 +240,12 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[StepEvent], N
             saved = checkpoint(run) if t.save_every and m.step % t.save_every == 0 and m.step < run.total_steps else None
             if on_step is not None:
                 on_step(StepEvent(m.step, run.total_steps, m.loss, m.accuracy, saved, evaluated, run.model,
-                                  ends_epoch(run, m.step)))
+                                  ends_epoch(run, m.step), {k: t / max(n, 1) for k, (t, n) in m.extra.items()}))
             if run.stopped_early:
                 say(f"early stopping: eval loss has not improved for {t.early_stopping_patience} evaluations")
                 break
         bar.close()
-        return finish(run, before).as_dict()  # inside the try: Ctrl-C in the final evaluation or save loses nothing
+        return finish_run(run, before).as_dict()  # inside the try: Ctrl-C in the final evaluation or save loses nothing
     except KeyboardInterrupt:
         bar.close()
         run.opt.zero_grad(set_to_none=True)  # a half-accumulated step is discarded and redone on resume

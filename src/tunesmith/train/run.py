@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import RunConfig, dump_config
+from ..config import RunConfig, dump_config, load_config
 from ..data import PreparedData
 from ..devices import autocast, resolve_device
 from ..errors import ConfigError
@@ -24,6 +24,7 @@ from ..io import atomic_write_text, is_run_folder
 from ..objectives import Objective
 from ..runinfo import RunInfo
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .distributed import start_distributed
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
 from .setup import build
@@ -103,6 +104,7 @@ class StepEvent:
     eval: dict[str, float] | None  # metrics of an evaluation run at this step, if any
     model: nn.Module
     epoch_end: bool = False  # this step took the last micro-batch of an epoch
+    extra: dict[str, float] = field(default_factory=dict)  # the objective's step metrics (DPO's reward margin, ...)
 
 
 @dataclass
@@ -160,6 +162,7 @@ class Run:
     last_eval: dict = field(default_factory=dict)
     stopped_early: bool = False
     orders: dict = field(default_factory=dict)  # epoch -> batches of example indices (one epoch cached)
+    dist: Any = None  # under torchrun: this rank, the world, the wrapped model (train/distributed.py); else None
 
     def autocast(self):
         return autocast(self.device, self.cfg.training.bf16)
@@ -170,7 +173,11 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     if not saved.exists():
         return
     import yaml
-    old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(dump_config(cfg))
+    # the saved config read as a config: fields added since the run started compare as their defaults
+    old = yaml.safe_load(dump_config(load_config(saved)))
+    if cfg.data.packing is None:  # chosen by the run when it started (null: by its objective): keep that choice
+        cfg.data.packing = (old.get("data") or {}).get("packing")
+    new = yaml.safe_load(dump_config(cfg))
     for section in ("model", "adapter", "data", "objective", "freeze"):
         if old.get(section) != new.get(section):
             before, now = old.get(section) or {}, new.get(section) or {}
@@ -227,20 +234,48 @@ def prepare_run_folder(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: b
     return None
 
 
+def _choose_precision(cfg: RunConfig, built, device, run_dir: Path, checkpoint, log: Callable) -> None:
+    """Settle training.bf16 before config.yaml is written: a resumed run keeps its saved choice; a new run
+    with bf16: null takes bf16 where the hardware does it natively, if its first batch's loss agrees."""
+    from .precision import check_auto_bf16, choose_bf16
+    t = cfg.training
+    if t.bf16 is None and checkpoint is not None:
+        t.bf16 = load_config(run_dir / "config.yaml").training.bf16
+    auto = t.bf16 is None
+    t.bf16, line = choose_bf16(t.bf16, device)
+    log(line)
+    needs_attach = type(built.objective).attach is not Objective.attach  # a reference model etc.: not ready yet
+    if auto and t.bf16 and built.data.train and built.data.transform is None and not needs_attach:
+        t.bf16 = check_auto_bf16(built.model.to(device), built.objective, built.data.train, t.batch_size,
+                                 getattr(built.tokenizer, "pad_token_id", None) or 0, device, log)
+
+
 def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False) -> Run:
     """Check the run folder, build model + data + objective, restore the latest checkpoint when resuming."""
     started = time.perf_counter()
     run_dir, t = Path(cfg.output.dir), cfg.training
-    checkpoint = prepare_run_folder(run_dir, cfg, resume, overwrite, log)
-    device = resolve_device(t.device)
+    dist = start_distributed(cfg)  # None in one process; under torchrun, rank 0 alone speaks and writes
+    if dist is None:
+        checkpoint = prepare_run_folder(run_dir, cfg, resume, overwrite, log)
+        device = resolve_device(t.device)
+    else:
+        log = dist.log(log)
+        checkpoint, device = dist.on_main(prepare_run_folder, run_dir, cfg, resume, overwrite, log), dist.device
     built = build(cfg)  # a config, data or model error leaves no run folder behind to block a retry
     if checkpoint is not None:
         _check_resume_data(run_dir, built.info)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    built.info.write(run_dir)
+    _choose_precision(cfg, built, device, run_dir, checkpoint, log)
+    if dist is None or dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        built.info.write(run_dir)
     model = built.model.to(device)
-    built.objective.attach(model, built.tokenizer, built.data, run_dir, cfg, log)  # before resuming: the starting weights
+    try:
+        built.objective.attach(model, built.tokenizer, built.data, run_dir, cfg, log)  # the starting weights
+    except BaseException:
+        if not resume:  # a new run that could not start leaves no folder behind to block a retry
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     for note in built.data.notes:
         log(f"data: {note}")
     params = trainable_summary(model)
@@ -249,6 +284,8 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
         log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     batches_per_epoch = math.ceil(len(built.data.train) / t.batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
+    if dist is not None:
+        model = dist.wrap(model)  # DDP or FSDP2, before the optimizer: FSDP replaces the parameters by their shards
     opt = build_optimizer(model, t)
     sched = build_scheduler(opt, total_steps, t)
     state = TrainState()
@@ -258,7 +295,8 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
         if state.step > total_steps:  # e.g. resumed with a smaller training.max_steps
             log(f"the checkpoint is already past the {total_steps} steps asked for now: the run finishes at step "
                 f"{state.step} without training further")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step if checkpoint else -1)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step if checkpoint else -1) \
+        if dist is None or dist.is_main else dist.metrics_log()
     return Run(cfg, run_dir, device, model, built.tokenizer, built.data, built.objective, built.info, opt, sched,
                metrics, params, total_steps, batches_per_epoch, getattr(built.tokenizer, "pad_token_id", None) or 0,
-               log, state, checkpoint, started)
+               log, state, checkpoint, started, dist=dist)

@@ -11,12 +11,13 @@ from torch import nn
 from ..adapters import add_adapter
 from ..config import RunConfig
 from ..data import PreparedData, prepare_data
+from ..diffusion import is_diffusion_model
 from ..errors import ConfigError
 from ..freeze import (
     freeze, freeze_batchnorm, freeze_first_blocks, set_biases_trainable, set_norms_trainable, train_only, unfreeze,
 )
 from ..models import is_vision_model, load_model, load_tokenizer
-from ..objectives import Objective, choose_objective
+from ..objectives import Objective, choose_objective, objective_class
 from ..runinfo import RunInfo, model_spec
 
 
@@ -41,6 +42,8 @@ def peek_format(cfg: RunConfig) -> str:
     from ..data.formats import detect_format
     if cfg.data.format != "auto":
         return cfg.data.format
+    if cfg.objective.type != "auto" and objective_class(cfg.objective.type).data_format:  # e.g. grpo: prompts
+        return objective_class(cfg.objective.type).data_format
     records, _ = load_records(cfg.data.train)
     for r in records:
         fmt = detect_format(r.data)
@@ -86,8 +89,15 @@ def build(cfg: RunConfig, tokenizer=None) -> Built:
         objective_cls, tok = choose_objective(cfg.objective.type, "image"), None
         data = prepare_images(cfg.data, cfg.training.seed)
         seed_everything(cfg.training.seed)
+    elif is_diffusion_model(cfg.model.name):  # a diffusers pipeline folder: image–caption data, encoded by its VAE
+        from ..diffusion.data import prepare_image_captions
+        objective_cls, tok = choose_objective(cfg.objective.type, "image_caption"), None
+        data = prepare_image_captions(cfg, cfg.training.seed)
+        seed_everything(cfg.training.seed)
     else:
-        objective_cls = choose_objective(cfg.objective.type, peek_format(cfg))
+        objective_cls = choose_objective(cfg.objective.type, "weak" if cfg.data.weak else peek_format(cfg))
+        if cfg.data.packing is None:  # the default: pack where it is exact (next-token objectives)
+            cfg.data.packing = objective_cls.packable
         if cfg.data.packing and not objective_cls.packable:
             raise ConfigError(f"data.packing: {objective_cls.name} examples cannot be packed (only next-token "
                               "objectives pack); set data.packing=false")

@@ -1,0 +1,210 @@
+"""LoRA chat SFT speed and memory: tunesmith against TRL's SFTTrainer + PEFT, one script, ratios.
+
+Workload (issue 14): SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on every linear layer, the first 256 ChatterBot
+conversations of the README's split, max length 256, batch 8, one epoch, lr 2e-4, seed 0. Each mode trains in
+its own process and reports real (non-padding) tokens/s over the training steps, its peak RSS (VmHWM), and the
+held-out loss on 64 test conversations measured by one evaluator for every mode (mean next-token loss on the
+assistant turns, fp32). The machine's matmul peak (fp32 and bf16 GEMM, 2048^3) is measured in this process.
+
+    python bench/sft_throughput.py [--modes tunesmith,tunesmith_fp32,trl,trl_packing] [--conversations 256]
+
+TRL and datasets are bench-only: pip install 'tunesmith[bench]' (trl 1.16, datasets).
+Model FLOPs per real token, for the matmul share: LoRA trains no base weight, so each frozen linear layer costs
+2 (forward) + 2 (gradient of its input) FLOPs per weight per token: 4 x (linear weights of the blocks) + the
+output layer at label positions (4 x H x V x label share). Attention's own matmuls are left out (small at 256).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
+    """GFLOP/s of a square GEMM in `dtype` on this process's threads."""
+    import torch
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def data(folder: Path, n_train: int, n_test: int = 64) -> tuple[Path, Path]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from golden_curves import chatterbot_jsonl
+    train, test = chatterbot_jsonl(folder)
+    for path, n in ((train, n_train), (test, n_test)):
+        lines = Path(path).read_text().splitlines()[:n]
+        Path(path).write_text("\n".join(lines) + "\n")
+    return Path(train), Path(test)
+
+
+def held_out_loss(model, tok, test: Path) -> float:
+    """Mean next-token loss on the assistant turns of the test conversations, fp32, batch 1."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.data.tokenize import encode_chat
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for line in test.read_text().splitlines():
+            ids, labels = encode_chat(tok, json.loads(line)["messages"])
+            ids, labels = torch.tensor([ids[:256]]), torch.tensor([labels[:256]])
+            logits = model(input_ids=ids).logits.float()
+            total += float(F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum"))
+            count += int((labels[0, 1:] != -100).sum())
+    return total / count
+
+
+def label_share(tok, train: Path) -> float:
+    """The share of real tokens that carry a label (assistant turns): where the output layer must run."""
+    from tunesmith.data.tokenize import encode_chat
+    labelled = total = 0
+    for line in train.read_text().splitlines():
+        ids, labels = encode_chat(tok, json.loads(line)["messages"])
+        labelled += sum(x != -100 for x in labels[1:256])
+        total += len(ids[:256])
+    return labelled / total
+
+
+def peak_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def flops_per_token(model, label_share: float) -> float:
+    from torch import nn
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and m is not head and "lora" not in name)
+    return 4 * linear + 4 * head.weight.numel() * label_share
+
+
+def run_tunesmith(train: Path, test: Path, out: Path, precision: str) -> dict:
+    from tunesmith.config import load_config
+    from tunesmith.train import train as fit
+    from tunesmith.train.artifacts import load_run
+    overrides = [f"model.name={MODEL}", f"data.train={train}", "data.eval_fraction=0", "data.max_length=256",
+                 "adapter.kind=lora", "adapter.r=16", "adapter.alpha=32", "adapter.targets=all-linear",
+                 "training.batch_size=8", "training.epochs=1", "training.lr=2e-4", "training.seed=0",
+                 "training.save_every=0", "training.log_every=1000", f"output.dir={out}", "output.progress=false"]
+    if precision != "default":
+        overrides.append(f"training.bf16={precision == 'bf16'}")
+    cfg = load_config(None, overrides)
+    summary = fit(cfg, log=lambda *_: None)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    run = load_run(out)
+    return {"tokens": summary["trained_tokens"], "train_s": summary["train_seconds"],
+            "bf16": bool(load_config(out / "config.yaml").training.bf16),
+            "packing": bool(load_config(out / "config.yaml").data.packing),
+            "flops_per_token": flops_per_token(run.model, label_share(run.tokenizer, train)),
+            "held_out_loss": held_out_loss(run.model, run.tokenizer, test), "records": len(records)}
+
+
+def run_trl(train: Path, test: Path, out: Path, packing: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith.models import load_tokenizer, resolve_model
+    path = resolve_model(MODEL)
+    tok = load_tokenizer(MODEL)
+    rows = [json.loads(x) for x in train.read_text().splitlines()]
+    dataset = Dataset.from_list(rows)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, local_files_only=True),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1, max_length=256,
+                     packing=packing, learning_rate=2e-4, seed=0, use_cpu=True, report_to=[], save_strategy="no",
+                     logging_steps=1000, dataloader_num_workers=0)
+    seen = {"tokens": 0}  # real tokens: the attention mask's ones (packed rows have no padding)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    loader = trainer.get_train_dataloader()
+    for batch in loader:
+        mask = batch.get("attention_mask")
+        seen["tokens"] += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return {"tokens": seen["tokens"], "train_s": seconds, "bf16": False, "packing": packing,
+            "flops_per_token": flops_per_token(model.base_model.model, label_share(tok, train)),
+            "held_out_loss": held_out_loss(model, tok, test)}
+
+
+def child(mode: str, train: Path, test: Path, out: Path) -> None:
+    import torch
+    torch.manual_seed(0)
+    if mode.startswith("tunesmith"):
+        result = run_tunesmith(train, test, out, {"tunesmith": "default", "tunesmith_fp32": "fp32",
+                                                  "tunesmith_bf16": "bf16"}[mode])
+    else:
+        result = run_trl(train, test, out, packing=mode == "trl_packing")
+    result.update(mode=mode, peak_rss_gb=peak_rss_gb(), tokens_per_s=result["tokens"] / result["train_s"])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", default="tunesmith,tunesmith_fp32,trl,trl_packing")
+    p.add_argument("--conversations", type=int, default=256)
+    p.add_argument("--child", nargs=4, metavar=("MODE", "TRAIN", "TEST", "OUT"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        child(a.child[0], Path(a.child[1]), Path(a.child[2]), Path(a.child[3]))
+        return
+    import torch
+    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    print(f"matmul peak ({torch.get_num_threads()} threads): fp32 {peaks['float32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        train, test = data(Path(tmp) / "data", a.conversations)
+        for mode in a.modes.split(","):
+            env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+            proc = subprocess.run([sys.executable, __file__, "--child", mode, str(train), str(test),
+                                   str(Path(tmp) / mode)], capture_output=True, text=True, env=env)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{mode}: failed\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            r = results[mode] = json.loads(line[7:])
+            peak = peaks["bfloat16" if r["bf16"] else "float32"]
+            r["matmul_share"] = r["tokens_per_s"] * r["flops_per_token"] / 1e9 / peak
+            print(f"{mode:>15}: {r['tokens_per_s']:7.1f} real tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB, "
+                  f"held-out loss {r['held_out_loss']:.4f}, {'bf16' if r['bf16'] else 'fp32'}"
+                  f"{', packed' if r['packing'] else ''}, {100 * r['matmul_share']:.0f}% of the matmul peak", flush=True)
+    trl = [results[m] for m in ("trl", "trl_packing") if m in results]
+    if trl and "tunesmith" in results:
+        best = max(trl, key=lambda r: r["tokens_per_s"])
+        ours = results["tunesmith"]
+        print(f"\ntunesmith (defaults) / best TRL ({best['mode']}): {ours['tokens_per_s'] / best['tokens_per_s']:.2f}x "
+              f"tokens/s (target >= 2.5x); peak RSS {ours['peak_rss_gb'] / min(r['peak_rss_gb'] for r in trl):.2f}x of "
+              "TRL's lowest (target <= 0.7x)")
+        if "tunesmith_fp32" in results:
+            fp32 = results["tunesmith_fp32"]
+            print(f"tunesmith fp32 / best TRL (fp32): {fp32['tokens_per_s'] / best['tokens_per_s']:.2f}x tokens/s "
+                  f"(target >= 1.5x); held-out loss defaults - fp32: "
+                  f"{ours['held_out_loss'] - fp32['held_out_loss']:+.4f}")
+    Path(ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "sft_throughput.json").write_text(json.dumps({"peaks": peaks, **results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

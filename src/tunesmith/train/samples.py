@@ -1,0 +1,56 @@
+"""Sample replies during training (`training.sample_prompts`): at each evaluation the model answers each prompt
+greedily, so a user sees what it says, not only its loss.
+
+Each evaluation appends one line per prompt to RUN/samples.jsonl ({"step", "prompt", "reply"}), prints them,
+and sends them to output.report_to's trackers. Prompts are written as the run trains: with the chat template
+for chat data, as raw text for prompt/completion and text data. Sampling touches no random state (greedy,
+and the RNG is restored), so a run with samples trains exactly as one without.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def sample_replies(model, tok, prompts: list[str], template: str, max_new_tokens: int, bf16_ctx) -> list[str]:
+    """Greedy replies of `model` to each user message (one at a time: no padding to get wrong)."""
+    from ..generate import generate
+    replies = []
+    with torch.random.fork_rng(devices=[]), bf16_ctx:
+        for prompt in prompts:
+            replies.append(generate(model, tok, [{"role": "user", "content": prompt}], max_new_tokens,
+                                    template=template))
+    return replies
+
+
+def write_samples(run, step: int) -> list[dict]:
+    """The run's sample replies at `step`: appended to samples.jsonl, printed and sent to the trackers."""
+    t = run.cfg.training
+    if not t.sample_prompts or (run.dist is not None and not run.dist.is_main):
+        return []
+    if run.info.task != "causal_lm" or run.tokenizer is None or run.dist is not None:
+        if not getattr(run, "_samples_skipped", False):  # said once, not at every evaluation
+            why = "under torchrun" if run.dist is not None else f"a {run.info.task} model does not generate text"
+            run.log(f"training.sample_prompts: skipped ({why})")
+            run._samples_skipped = True
+        return []
+    from ..freeze import set_train_mode
+    template = "raw" if run.info.format in ("prompt_completion", "text") else "chat"
+    run.model.eval()
+    try:
+        replies = sample_replies(run.model, run.tokenizer, t.sample_prompts, template, t.sample_max_new_tokens,
+                                 run.autocast())
+    finally:
+        set_train_mode(run.model, run.cfg.freeze.batchnorm)
+    rows = [{"step": step, "prompt": p, "reply": r} for p, r in zip(t.sample_prompts, replies)]
+    with (run.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    for row in rows:
+        run.log(f"sample at step {step}: {row['prompt']!r} -> {row['reply']!r}")
+    log_samples = getattr(run.metrics, "log_samples", None)  # set when output.report_to has trackers
+    if log_samples is not None:
+        log_samples(step, rows)
+    return rows
