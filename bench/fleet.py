@@ -76,7 +76,8 @@ def main() -> int:
         db = args.db or fresh_database(server.url)
         work = Path(tempfile.mkdtemp(prefix="tunesmith-fleet-"))
         base, data = tiny_base(work / "base"), work / "shared-data"  # data: the folder every machine mounts
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TUNESMITH_JOB_LEASE_S=str(args.lease))
+        os.environ["TUNESMITH_JOB_LEASE_S"] = str(args.lease)
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
         port = free_port()
         procs.append(subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--no-worker", "--db", db, "--data",
                                        str(data), "--api-key", KEY, "--model", f"tiny={base}", "--port", str(port)],
@@ -187,7 +188,8 @@ def report(store, jobs: list[str], long_job: str, victim: str, killed_at: float,
     per_worker = Counter(next(iter(o)) for j, o in owners.items() if len(o) == 1)
     print(f"{len(jobs)} jobs on {len(set().union(*owners.values()))} workers in {wall:.1f} s "
           f"({len(jobs) / wall * 60:.1f} jobs/min); jobs seen per worker (sampled): {dict(sorted(per_worker.items()))}")
-    print(f"long job: killed on {victim}, taken over {took - killed_at:+.1f} s after the kill by "
+    print(f"long job: killed on {victim}, taken over {took - killed_at:+.1f} s after the kill (its lease ran out after "
+          f"{os.environ['TUNESMITH_JOB_LEASE_S']} s, then the first worker to finish its own job took it) by "
           f"{', '.join(sorted(finisher)) or '?'}, resumed from its checkpoint: {bool(resumed)}; "
           f"status {store.get_job(long_job)['status']}")
     print("each job exactly once (one start, every step reported once, one takeover for the killed job): "

@@ -14,6 +14,15 @@ from conftest import perturb_adapters
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread; on a busy shared CPU, several threads are ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     """A tiny StableDiffusionPipeline folder (VAE, CLIP text encoder + tokenizer, UNet, DDPM scheduler)."""

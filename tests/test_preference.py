@@ -350,7 +350,10 @@ def test_reward_model_trains_resumes_and_scores(tmp_path, lm_dir, capsys):
     from tunesmith.train import train
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(32))
     extra = ["objective.type=reward", "head.pooling=last", "training.max_steps=8"]
-    full = train(run_cfg(lm_dir, data, tmp_path / "rm", *extra), log=lambda *_: None)
+    assert main(["train", f"model.name={lm_dir}", f"data.train={data}", "data.eval_fraction=0.25", "training.save_every=2",
+                 "training.batch_size=4", "training.lr=1e-3", "training.log_every=1", f"output.dir={tmp_path / 'rm'}",
+                 *extra, "--quiet"]) == 0
+    full = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert full["eval_accuracy"] == 1.0 and full["eval_reward_margin"] > 0
     info = json.loads((tmp_path / "rm" / "run.json").read_text())
     assert info["objective"] == "reward" and info["task"] == "regression"
