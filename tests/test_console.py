@@ -76,6 +76,7 @@ def start_job(page, epochs: str, lr: str, suffix: str) -> str:
     return page.inner_text("#job-msg").removeprefix("created ")
 
 
+@pytest.mark.slow
 def test_console_upload_train_watch_compare_and_chat(page):
     rows = "".join(json.dumps(r) + "\n" for r in chat_rows(24)).encode()
     page.set_input_files("#file", files=[{"name": MARKUP_NAME, "mimeType": "application/octet-stream", "buffer": rows}])

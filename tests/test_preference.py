@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import perturb_adapters, tiny_llama, write_jsonl
 from tunesmith.data import DataError, read_records, validate
-from tunesmith.data.formats import Record, detect_format
+from tunesmith.data.formats import detect_format
 from tunesmith.data.preference import as_pair, collate_preference, encode_pair
 from tunesmith.objectives import objective_class
 from tunesmith.objectives.dpo import dpo_loss
@@ -347,7 +346,6 @@ def test_simpo_needs_no_reference_and_dpo_options_are_checked(tmp_path, lm_dir):
 
 def test_reward_model_trains_resumes_and_scores(tmp_path, lm_dir, capsys):
     from tunesmith.cli import main
-    from tunesmith.train import train
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(32))
     extra = ["objective.type=reward", "head.pooling=last", "training.max_steps=8"]
     assert main(["train", f"model.name={lm_dir}", f"data.train={data}", "data.eval_fraction=0.25", "training.save_every=2",

@@ -45,6 +45,7 @@ def tracked_run(lm_dir, tmp_path_factory):
     return {"run": run, "uri": uri, "lines": lines, "summary": summary, "metrics": metrics}
 
 
+@pytest.mark.slow  # one tiny training run with all three trackers (~20 s on 2 busy cores)
 def test_samples_are_written_printed_and_are_the_models_greedy_replies(tracked_run):
     from tunesmith.generate import generate
     from tunesmith.train.artifacts import load_run
@@ -57,6 +58,7 @@ def test_samples_are_written_printed_and_are_the_models_greedy_replies(tracked_r
         assert generate(final.model, final.tokenizer, [{"role": "user", "content": row["prompt"]}], 5) == row["reply"]
 
 
+@pytest.mark.slow  # one tiny training run with all three trackers (~20 s on 2 busy cores)
 def test_tensorboard_event_files_read_back(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tracked_run["run"] / "tensorboard"), size_guidance={"tensors": 0, "images": 0})
@@ -78,6 +80,7 @@ def test_tensorboard_event_files_read_back(tracked_run):
     assert image.width > 100 and image.height > 100
 
 
+@pytest.mark.slow  # one tiny training run with all three trackers (~20 s on 2 busy cores)
 def test_mlflow_run_read_back(tracked_run):
     from mlflow import MlflowClient
     client = MlflowClient(tracked_run["uri"])
@@ -100,6 +103,7 @@ def test_mlflow_run_read_back(tracked_run):
     assert json.loads((tracked_run["run"] / "trackers.json").read_text()) == {"mlflow_run_id": run.info.run_id}
 
 
+@pytest.mark.slow  # one tiny training run with all three trackers (~20 s on 2 busy cores)
 def test_trackio_run_read_back(tracked_run):
     from trackio.sqlite_storage import SQLiteStorage
     assert "run" in SQLiteStorage.get_runs("tunesmith-test")

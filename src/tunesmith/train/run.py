@@ -265,6 +265,8 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
     if checkpoint is not None:
         _check_resume_data(run_dir, built.info)
     _choose_precision(cfg, built, device, run_dir, checkpoint, log)
+    if dist is not None:  # every rank trains in rank 0's precision, whatever its own check said
+        t.bf16 = dist.on_main(lambda: t.bf16)
     if dist is None or dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))

@@ -1,8 +1,8 @@
 """Sample replies during training (`training.sample_prompts`): at each evaluation the model answers each prompt
 greedily, so a user sees what it says, not only its loss.
 
-Each evaluation appends one line per prompt to RUN/samples.jsonl ({"step", "prompt", "reply"}), prints them,
-and sends them to output.report_to's trackers. Prompts are written as the run trains: with the chat template
+Each evaluation adds one line per prompt to RUN/samples.jsonl ({"step", "prompt", "reply"}; a resumed run
+replaces the lines of the steps it redoes), prints them, and sends them to output.report_to's trackers. Prompts are written as the run trains: with the chat template
 for chat data, as raw text for prompt/completion and text data. Sampling touches no random state (greedy,
 and the RNG is restored), so a run with samples trains exactly as one without.
 """
@@ -46,11 +46,18 @@ def write_samples(run, step: int) -> list[dict]:
     finally:
         set_train_mode(run.model, run.cfg.freeze.batchnorm)
     rows = [{"step": step, "prompt": p, "reply": r} for p, r in zip(t.sample_prompts, replies)]
-    with (run.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    append_samples(run.run_dir / SAMPLES_FILE, rows, step)
     for row in rows:
         run.log(f"sample at step {step}: {row['prompt']!r} -> {row['reply']!r}")
     log_samples = getattr(run.metrics, "log_samples", None)  # set when output.report_to has trackers
     if log_samples is not None:
         log_samples(step, rows)
     return rows
+
+
+def append_samples(path, rows: list[dict], step: int) -> None:
+    """Add this evaluation's rows; rows of this step or later (written before a resume went back) are dropped."""
+    from ..io import atomic_write_text
+    kept = [line for line in (path.read_text(encoding="utf-8").splitlines() if path.exists() else [])
+            if line.strip() and json.loads(line)["step"] < step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept + [json.dumps(r, ensure_ascii=False) for r in rows]))
