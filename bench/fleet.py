@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def main() -> int:
     from conftest import chat_rows, free_port
     from pg_support import LocalServer, fresh_database, postgres_bin
 
-    server = None
+    server, work = None, Path(tempfile.mkdtemp(prefix="tunesmith-fleet-"))
     if args.db is None:
         if postgres_bin() is None:
             raise SystemExit("no PostgreSQL binaries here: pass --db postgresql://... or install Debian's postgresql")
@@ -74,7 +75,6 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     try:
         db = args.db or fresh_database(server.url)
-        work = Path(tempfile.mkdtemp(prefix="tunesmith-fleet-"))
         base, data = tiny_base(work / "base"), work / "shared-data"  # data: the folder every machine mounts
         os.environ["TUNESMITH_JOB_LEASE_S"] = str(args.lease)
         env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -155,6 +155,7 @@ def main() -> int:
                 p.kill()
         if server is not None:
             server.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _up(client) -> bool:
