@@ -41,7 +41,7 @@ def run_tunesmith(args, reference: str) -> dict:
         "objective.type=dpo", "objective.beta=0.1", f"objective.reference={reference}",
         f"training.max_steps={args.steps}", "training.batch_size=8", "training.lr=2e-4", "training.schedule=constant",
         "training.max_grad_norm=1.0", "training.log_every=1", "training.save_every=0", f"training.seed={args.seed}",
-        "training.device=cpu", f"output.dir={out}", "output.progress=false"])
+        "training.device=cpu", "training.bf16=false", f"output.dir={out}", "output.progress=false"])  # TRL: fp32 too
     start = time.perf_counter()
     summary = train(cfg, overwrite=True, log=lambda *_: None)
     seconds = time.perf_counter() - start

@@ -3,9 +3,12 @@ greedily the same tokens as transformers; and the GGUF LoRA applied by llama.cpp
 
     python bench/gguf_llamacpp.py [--steps 20] [--tokens 32] [--out bench/results/gguf_llamacpp.json]
 
-llama-cpp-python is pip-installed when missing: it builds llama.cpp from source (about 5 minutes on 2 cores;
-pip caches the wheel afterwards), which is why this is a bench and not a CI test (tests/test_gguf.py reads
-the files back with gguf's reader in seconds).
+llama-cpp-python is pip-installed when missing: it builds llama.cpp from source (about 5 minutes on 2 idle
+cores, over an hour on 2 shared busy ones; pip caches the wheel afterwards), which is why this is a bench
+and not a CI test (tests/test_gguf.py reads the files back with gguf's reader in seconds). It is built for
+AVX2 without -march=native (CMAKE_ARGS below): a native build uses AMX tile instructions where the CPU has
+them, and a VM whose kernel does not grant AMX state kills the process with SIGILL (`tilezero`, seen here).
+A trained run already in --work is reused.
 
 Steps: a LoRA fine-tune of the real packaged SmolLM2-135M-Instruct on the real ChatterBot corpus
 (examples/chatterbot_to_jsonl.py), then `tunesmith export RUN --gguf` at f16 and q8_0 and `--lora-gguf`,
@@ -29,6 +32,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"  # no AMX (see above)
 PROMPTS = ["Hello, how are you?", "What is your favourite book?", "Tell me a joke.", "Do you like music?",
            "What is the capital of France?", "Can you help me with my homework?"]
 
@@ -39,7 +43,9 @@ def ensure_llama_cpp() -> float:
         return 0.0
     print("installing llama-cpp-python==0.3.36 (builds llama.cpp from source, ~5 min on 2 cores) ...", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python==0.3.36"], check=True)
+    env = dict(os.environ)
+    env.setdefault("CMAKE_ARGS", CMAKE_ARGS)
+    subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python==0.3.36"], check=True, env=env)
     return time.perf_counter() - start
 
 
@@ -50,6 +56,9 @@ def fine_tune(work: Path, steps: int) -> Path:
     if not (data / "train.jsonl").exists():
         subprocess.run([sys.executable, str(ROOT / "examples" / "chatterbot_to_jsonl.py"), "--out", str(data)], check=True)
     run = work / "run"
+    if (run / "summary.json").exists() and json.loads((run / "summary.json").read_text())["steps"] == steps:
+        print(f"reusing the trained run in {run}")
+        return run
     cfg = load_config(None, ["model.name=smollm2-135m-instruct", f"data.train={data / 'train.jsonl'}",
                              "data.eval_fraction=0", "data.max_length=128", "adapter.kind=lora", "adapter.r=16",
                              "adapter.alpha=32", "adapter.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",

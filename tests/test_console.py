@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import chat_rows, free_port, start_serve
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -72,7 +71,7 @@ def start_job(page, epochs: str, lr: str, suffix: str) -> str:
     page.fill("#job-lr", lr)
     page.fill("#job-suffix", suffix)
     page.click("#start")
-    wait_for(lambda: page.inner_text("#job-msg").startswith("created ftjob-"), 30, "the job to be created")
+    wait_for(lambda: page.inner_text("#job-msg").startswith("created ftjob-"), 120, "the job to be created")
     return page.inner_text("#job-msg").removeprefix("created ")
 
 
@@ -81,7 +80,7 @@ def test_console_upload_train_watch_compare_and_chat(page):
     rows = "".join(json.dumps(r) + "\n" for r in chat_rows(24)).encode()
     page.set_input_files("#file", files=[{"name": MARKUP_NAME, "mimeType": "application/octet-stream", "buffer": rows}])
     page.click("#upload")
-    wait_for(lambda: page.inner_text("#upload-msg").startswith("uploaded"), 30, "the upload")
+    wait_for(lambda: page.inner_text("#upload-msg").startswith("uploaded"), 120, "the upload")
     assert page.locator("#job-train option").first.inner_text().startswith(MARKUP_NAME)  # the name, as text
     assert {"tiny", "smollm2-135m-instruct"} <= set(page.locator("#job-model option").all_inner_texts())
     page.select_option("#job-model", "tiny")
@@ -91,7 +90,7 @@ def test_console_upload_train_watch_compare_and_chat(page):
     wait_for(lambda: status_of(page, first) == "succeeded" and status_of(page, second) == "succeeded", 300,
              "both jobs to succeed")
     page.click(f'#jobs tr[data-job="{first}"] td:first-child')  # watch the first job
-    wait_for(lambda: "successfully completed" in page.inner_text("#events"), 30, "the first job's events")
+    wait_for(lambda: "successfully completed" in page.inner_text("#events"), 120, "the first job's events")
     events = page.inner_text("#events")
     assert "Step 1/" in events and "training loss" in events.lower()
     painted = page.evaluate("""() => { const c = document.getElementById('loss');
@@ -100,7 +99,7 @@ def test_console_upload_train_watch_compare_and_chat(page):
     assert painted > 200, "the loss curve is drawn"
     for job in (first, second):  # compare the two runs
         page.check(f'#jobs tr[data-job="{job}"] input[type=checkbox]')
-    wait_for(lambda: page.locator("#legend span").count() == 2, 15, "two curves in the legend")
+    wait_for(lambda: page.locator("#legend span").count() == 2, 60, "two curves in the legend")
     assert {page.locator("#legend span").nth(i).inner_text()[2:] for i in range(2)} == {first, second}
     shot(page, "console-jobs.png")
 
@@ -111,7 +110,8 @@ def test_console_upload_train_watch_compare_and_chat(page):
         page.select_option("#chat-model", model)
         page.fill("#prompt", prompt)
         page.click("#send")
-        wait_for(lambda: page.locator("#log div.assistant[data-done='1']").count() >= (1 if model == tuned else 2), 120,
+        replies = 1 if model == tuned else 2
+        wait_for(lambda n=replies: page.locator("#log div.assistant[data-done='1']").count() >= n, 240,
                  f"a reply from {model}")
     turns = page.locator("#log div")
     assert turns.count() == 4 and page.locator("#log div.error").count() == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import write_jsonl
+
 from tunesmith.data import DataError, read_records, validate
 
 CHAT = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": f"{w}!"}]}
@@ -137,6 +137,7 @@ def test_the_report_reaches_the_run_notes(tmp_path, lm_dir):
 def bare_lm(lm_dir, tmp_path_factory):
     """The tiny Llama of lm_dir, its tokenizer without a chat template (a base model)."""
     import shutil
+
     from tunesmith.models import load_tokenizer
     path = tmp_path_factory.mktemp("bare-lm")
     for f in lm_dir.iterdir():
@@ -200,6 +201,7 @@ def test_the_run_saves_its_template_and_chat_uses_it(bare_lm, tmp_path, adapter)
     from tunesmith.chat_templates import CHATML, saved_chat_template
     from tunesmith.config import load_config
     from tunesmith.generate import chat_prompt_ids, generate, load_generator
+    from tunesmith.models import load_tokenizer
     from tunesmith.train import train
     path = tmp_path / "sg.json"
     path.write_text(json.dumps(SHAREGPT * 4))
@@ -216,4 +218,10 @@ def test_the_run_saves_its_template_and_chat_uses_it(bare_lm, tmp_path, adapter)
     assert template == "chat" and tok.chat_template == CHATML
     ids = chat_prompt_ids(tok, [{"role": "user", "content": "Hi"}])[0].tolist()
     assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    base_tok = load_tokenizer(str(bare_lm))  # a server's view: the base tokenizer and the run's saved template
+    assert chat_prompt_ids(base_tok, [{"role": "user", "content": "Hi"}], saved_chat_template(run))[0].tolist() == ids
+    from tunesmith.service.inference import Engine  # the service prompts the run's model with the run's template
+    engine = Engine(None, {"bare": str(bare_lm)}, device="cpu")
+    engine.base_of = lambda model_id: ("bare", None, {"path": str(run)})
+    assert engine.prompt_ids("ft:bare:x", [{"role": "user", "content": "Hi"}]) == ids
     assert isinstance(generate(model, tok, [{"role": "user", "content": "Hi"}], max_new_tokens=3), str)

@@ -7,17 +7,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import chat_rows, write_jsonl
 
 gguf = pytest.importorskip("gguf")
 
 
+class Fields:
+    """A GGUF file's metadata, each value decoded when it is read (the token list holds 49,152 strings)."""
+
+    def __init__(self, fields) -> None:
+        self.fields = fields
+
+    def __getitem__(self, key: str):
+        return self.fields[key].contents()
+
+
 def read(path):
     reader = gguf.GGUFReader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    tensors = {t.name: t for t in reader.tensors}
-    return meta, tensors
+    return Fields(reader.fields), {t.name: t for t in reader.tensors}
 
 
 def values(t) -> np.ndarray:
@@ -50,6 +57,7 @@ def exported(lm_dir, tmp_path_factory):
 
 def test_metadata_and_tokenizer_read_back(exported, lm_dir):
     from transformers import AutoConfig
+
     from tunesmith.models import load_tokenizer
     tok, cfg = load_tokenizer(str(lm_dir)), AutoConfig.from_pretrained(lm_dir)
     meta, _ = read(exported["f16"])
@@ -72,6 +80,7 @@ def test_metadata_and_tokenizer_read_back(exported, lm_dir):
 
 def test_tensors_read_back_named_shaped_and_valued(exported, lm_dir):
     from transformers import AutoModelForCausalLM
+
     from tunesmith.export.gguf_model import permute_rows
     state = AutoModelForCausalLM.from_pretrained(lm_dir).state_dict()
     _, f16 = read(exported["f16"])
@@ -135,6 +144,7 @@ def lora_run(lm_dir, tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow  # trains a tiny LoRA run first
 def test_lora_gguf_plus_base_equals_the_merged_model(lora_run, lm_dir, tmp_path):
     """llama.cpp's W + alpha / r * B A, from the GGUF LoRA and the base's GGUF, is the merged model's GGUF."""
     from tunesmith.export import export_gguf, export_lora_gguf
@@ -164,6 +174,7 @@ def test_rslora_and_alpha_pattern_scales_fold_into_b():
     assert module_scale("model.layers.0.self_attn.v_proj", {"lora_alpha": 16, "alpha_pattern": {"v_proj": 4}}, 4) == 1.0
 
 
+@pytest.mark.slow  # trains a tiny LoRA run first
 def test_cli_export_and_its_errors(lora_run, tmp_path, capsys):
     from tunesmith.cli import main
     out = tmp_path / "m.gguf"

@@ -145,7 +145,10 @@ def test_vanished_files_fail_once_and_the_next_job_runs_with_epoch_checkpoints(t
     # the design point: the job is its run config, which `tunesmith train job.yaml --resume` runs as is
     from tunesmith.config import dump_config, load_config
     run_dir = store.dir / "jobs" / job
-    assert dump_config(load_config(run_dir / "job.yaml")) == dump_config(load_config(run_dir / "config.yaml"))
+    job_cfg, saved = load_config(run_dir / "job.yaml"), load_config(run_dir / "config.yaml")
+    assert job_cfg.training.bf16 is None and saved.training.bf16 in (True, False)  # auto, resolved by the hardware
+    job_cfg.training.bf16 = saved.training.bf16  # the run records the precision it chose; resume keeps it
+    assert dump_config(job_cfg) == dump_config(saved)
     cfg = load_config(run_dir / "job.yaml")
     assert cfg.training.epochs == 2 and cfg.training.batch_size == 4 and cfg.output.dir == str(run_dir)
 

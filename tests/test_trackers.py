@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
-
 from conftest import chat_rows, class_rows, write_jsonl
 
 os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="trackio-test-")  # trackio reads it once, when imported
@@ -98,7 +98,7 @@ def test_mlflow_run_read_back(tracked_run):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "samples")} == \
         {"samples/step-000002.json", "samples/step-000004.json"}
     local = client.download_artifacts(run.info.run_id, "samples/step-000004.json", str(tracked_run["run"].parent))
-    rows = json.loads(open(local).read())
+    rows = json.loads(Path(local).read_text())
     assert [r["prompt"] for r in rows] == PROMPTS
     assert json.loads((tracked_run["run"] / "trackers.json").read_text()) == {"mlflow_run_id": run.info.run_id}
 

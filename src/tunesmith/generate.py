@@ -31,9 +31,14 @@ def load_generator(spec: str, device: str = "auto", template: str = "auto"):
 
 def chat_prompt_ids(tok, messages: list[dict], template: str = "chat") -> torch.Tensor:
     """Prompt ids: the chat template with the assistant's turn opened, or ('raw', or a tokenizer without a
-    template) the messages' text as a prompt/completion run saw its prompts."""
+    template) the messages' text as a prompt/completion run saw its prompts. `template` may also be a chat
+    template's Jinja text (a run's data.chat_template, for a server holding only the base tokenizer)."""
     if template == "chat" and getattr(tok, "chat_template", None):
         out = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return out["input_ids"]
+    if template not in ("chat", "raw"):  # the Jinja text of a run's own template (chat_templates.saved_chat_template)
+        out = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)
         return out["input_ids"]
     text = "\n".join(m["content"] for m in messages)
     return tok(text, return_tensors="pt", add_special_tokens=True)["input_ids"]

@@ -84,7 +84,7 @@ def _read_arrow_file(path: Path) -> tuple[list[Record], list[Problem], str]:
             import pyarrow.parquet as pq
             table, what = pq.read_table(path), "Parquet file"
         else:
-            import pyarrow.ipc as ipc
+            from pyarrow import ipc
             try:  # the IPC file format (pyarrow, Feather v2) ...
                 table = ipc.open_file(path).read_all()
             except pa.ArrowInvalid:  # ... or the stream format, as `datasets` writes its .arrow shards

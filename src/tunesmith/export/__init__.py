@@ -42,9 +42,9 @@ def export_lora_gguf(run_dir: str | Path, out: str | Path, kind: str = "f16", lo
     """A run's LoRA adapter as a GGUF LoRA (llama.cpp: --lora FILE on the base model's GGUF)."""
     from transformers import AutoConfig
 
+    from ..config import load_config
     from ..models.loading import resolve_model
     from ..runinfo import read_run_info
-    from ..config import load_config
     run_dir = Path(run_dir)
     if not (run_dir / "adapter").is_dir():
         raise TunesmithError(f"{run_dir}: no adapter/ folder; --lora-gguf exports a LoRA run's adapter (a full "

@@ -95,16 +95,19 @@ class Engine:
 
     def _template(self, model_id: str, row: dict | None) -> str:
         """'raw' for a fine-tune trained on prompt/completion or text data (its prompts had no chat template),
-        else 'chat' — what `tunesmith chat` does for the same run."""
+        the run's own template text when it chose one (data.chat_template), else 'chat' — what `tunesmith chat`
+        does for the same run."""
         if row is None:
             return "chat"
         if model_id not in self.templates:
+            from ..chat_templates import saved_chat_template
             from ..runinfo import read_run_info
             try:
                 fmt = read_run_info(Path(row["path"])).format
             except Exception:  # noqa: BLE001 - a run folder without run.json (older jobs): the chat template
                 fmt = "chat"
-            self.templates[model_id] = "raw" if fmt in ("prompt_completion", "text") else "chat"
+            own = saved_chat_template(row["path"])
+            self.templates[model_id] = "raw" if fmt in ("prompt_completion", "text") else own or "chat"
         return self.templates[model_id]
 
     def prompt_ids(self, model_id: str, messages: list[dict]) -> list[int]:
