@@ -7,6 +7,10 @@ held-out loss on 64 test conversations measured by one evaluator for every mode 
 assistant turns, fp32). The machine's matmul peak (fp32 and bf16 GEMM, 2048^3) is measured in this process.
 
     python bench/sft_throughput.py [--modes tunesmith,tunesmith_fp32,trl,trl_packing] [--conversations 256]
+                                   [--device cpu|cuda]
+
+On a GPU (bench/gpu.sh) every mode also reports its peak GPU memory (torch.cuda.max_memory_allocated), and
+TRL keeps its own GPU defaults (its SFTConfig's precision), as a user would run it.
 
 TRL and datasets are bench-only: pip install 'tunesmith[bench]' (trl 1.16, datasets).
 Model FLOPs per real token, for the matmul share: LoRA trains no base weight, so each frozen linear layer costs
@@ -26,18 +30,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
+DEVICE = os.environ.get("SFT_BENCH_DEVICE", "cpu")  # set by main() for its children
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
-    """GFLOP/s of a square GEMM in `dtype` on this process's threads."""
+    """GFLOP/s of a square GEMM in `dtype` on this process's threads (or the GPU)."""
     import torch
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    n = n if DEVICE == "cpu" else 8192
+    a, b = torch.randn(n, n, device=DEVICE).to(dtype), torch.randn(n, n, device=DEVICE).to(dtype)
     a @ b
+    sync = torch.cuda.synchronize if DEVICE.startswith("cuda") else (lambda: None)
+    sync()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
+    sync()
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
@@ -59,10 +68,11 @@ def held_out_loss(model, tok, test: Path) -> float:
     from tunesmith.data.tokenize import encode_chat
     total, count = 0.0, 0
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
         for line in test.read_text().splitlines():
             ids, labels = encode_chat(tok, json.loads(line)["messages"])
-            ids, labels = torch.tensor([ids[:256]]), torch.tensor([labels[:256]])
+            ids, labels = torch.tensor([ids[:256]], device=device), torch.tensor([labels[:256]], device=device)
             logits = model(input_ids=ids).logits.float()
             total += float(F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum"))
             count += int((labels[0, 1:] != -100).sum())
@@ -102,7 +112,8 @@ def run_tunesmith(train: Path, test: Path, out: Path, precision: str) -> dict:
     overrides = [f"model.name={MODEL}", f"data.train={train}", "data.eval_fraction=0", "data.max_length=256",
                  "adapter.kind=lora", "adapter.r=16", "adapter.alpha=32", "adapter.targets=all-linear",
                  "training.batch_size=8", "training.epochs=1", "training.lr=2e-4", "training.seed=0",
-                 "training.save_every=0", "training.log_every=1000", f"output.dir={out}", "output.progress=false"]
+                 "training.save_every=0", "training.log_every=1000", f"output.dir={out}", "output.progress=false",
+                 f"training.device={DEVICE}"]
     if precision != "default":
         overrides.append(f"training.bf16={precision == 'bf16'}")
     cfg = load_config(None, overrides)
@@ -132,7 +143,7 @@ def run_trl(train: Path, test: Path, out: Path, packing: bool) -> dict:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, local_files_only=True),
                            LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1, max_length=256,
-                     packing=packing, learning_rate=2e-4, seed=0, use_cpu=True, report_to=[], save_strategy="no",
+                     packing=packing, learning_rate=2e-4, seed=0, use_cpu=DEVICE == "cpu", report_to=[], save_strategy="no",
                      logging_steps=1000, dataloader_num_workers=0)
     seen = {"tokens": 0}  # real tokens: the attention mask's ones (packed rows have no padding)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
@@ -143,7 +154,7 @@ def run_trl(train: Path, test: Path, out: Path, packing: bool) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return {"tokens": seen["tokens"], "train_s": seconds, "bf16": False, "packing": packing,
+    return {"tokens": seen["tokens"], "train_s": seconds, "bf16": bool(args.bf16), "packing": packing,
             "flops_per_token": flops_per_token(model.base_model.model, label_share(tok, train)),
             "held_out_loss": held_out_loss(model, tok, test)}
 
@@ -157,6 +168,8 @@ def child(mode: str, train: Path, test: Path, out: Path) -> None:
     else:
         result = run_trl(train, test, out, packing=mode == "trl_packing")
     result.update(mode=mode, peak_rss_gb=peak_rss_gb(), tokens_per_s=result["tokens"] / result["train_s"])
+    if DEVICE.startswith("cuda"):
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -164,12 +177,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default="tunesmith,tunesmith_fp32,trl,trl_packing")
     p.add_argument("--conversations", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (bench/gpu.sh)")
     p.add_argument("--child", nargs=4, metavar=("MODE", "TRAIN", "TEST", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         child(a.child[0], Path(a.child[1]), Path(a.child[2]), Path(a.child[3]))
         return
     import torch
+    global DEVICE
+    DEVICE = os.environ["SFT_BENCH_DEVICE"] = a.device
     peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
     print(f"matmul peak ({torch.get_num_threads()} threads): fp32 {peaks['float32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
@@ -189,7 +205,8 @@ def main() -> None:
             r["matmul_share"] = r["tokens_per_s"] * r["flops_per_token"] / 1e9 / peak
             print(f"{mode:>15}: {r['tokens_per_s']:7.1f} real tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB, "
                   f"held-out loss {r['held_out_loss']:.4f}, {'bf16' if r['bf16'] else 'fp32'}"
-                  f"{', packed' if r['packing'] else ''}, {100 * r['matmul_share']:.0f}% of the matmul peak", flush=True)
+                  f"{', packed' if r['packing'] else ''}, {100 * r['matmul_share']:.0f}% of the matmul peak"
+                  + (f", peak GPU memory {r['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in r else ""), flush=True)
     trl = [results[m] for m in ("trl", "trl_packing") if m in results]
     if trl and "tunesmith" in results:
         best = max(trl, key=lambda r: r["tokens_per_s"])
@@ -197,13 +214,17 @@ def main() -> None:
         print(f"\ntunesmith (defaults) / best TRL ({best['mode']}): {ours['tokens_per_s'] / best['tokens_per_s']:.2f}x "
               f"tokens/s (target >= 2.5x); peak RSS {ours['peak_rss_gb'] / min(r['peak_rss_gb'] for r in trl):.2f}x of "
               "TRL's lowest (target <= 0.7x)")
+        if "peak_gpu_gb" in ours:
+            print(f"peak GPU memory: {ours['peak_gpu_gb'] / min(r['peak_gpu_gb'] for r in trl):.2f}x of TRL's lowest "
+                  "(Unsloth's claim: 0.3x of HF)")
         if "tunesmith_fp32" in results:
             fp32 = results["tunesmith_fp32"]
             print(f"tunesmith fp32 / best TRL (fp32): {fp32['tokens_per_s'] / best['tokens_per_s']:.2f}x tokens/s "
                   f"(target >= 1.5x); held-out loss defaults - fp32: "
                   f"{ours['held_out_loss'] - fp32['held_out_loss']:+.4f}")
     Path(ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "sft_throughput.json").write_text(json.dumps({"peaks": peaks, **results}, indent=1))
+    name = "sft_throughput.json" if DEVICE == "cpu" else f"sft_throughput_{DEVICE.split(':')[0]}.json"
+    (ROOT / "bench" / "results" / name).write_text(json.dumps({"peaks": peaks, **results}, indent=1))
 
 
 if __name__ == "__main__":

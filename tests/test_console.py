@@ -51,13 +51,20 @@ def shot(page, name: str) -> None:
         page.screenshot(path=str(Path(folder) / name), full_page=True)
 
 
-def wait_for(predicate, timeout: float = 240, what: str = "") -> None:
+def wait_for(predicate, timeout: float = 240, what: str = "", page=None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    seen = ""
+    if page is not None:  # what the page showed, for a failure that only a loaded CI machine reproduces
+        seen = page.evaluate("""() => JSON.stringify({msg: document.getElementById('msg').textContent,
+            legend: document.getElementById('legend').textContent, title: document.title,
+            compare: [...state.compare], selected: state.selected, curves: Object.keys(curves),
+            checked: [...document.querySelectorAll('#jobs tr')].map(r => [r.dataset.job,
+                      (r.querySelector('input[type=checkbox]') || {}).checked])})""") + f" errors={page.errors}"
+    raise AssertionError(f"timed out waiting for {what} {seen}")
 
 
 def status_of(page, job_id: str) -> str:
@@ -99,7 +106,7 @@ def test_console_upload_train_watch_compare_and_chat(page):
     assert painted > 200, "the loss curve is drawn"
     for job in (first, second):  # compare the two runs
         page.check(f'#jobs tr[data-job="{job}"] input[type=checkbox]')
-    wait_for(lambda: page.locator("#legend span").count() == 2, 60, "two curves in the legend")
+    wait_for(lambda: page.locator("#legend span").count() == 2, 60, "two curves in the legend", page)
     assert {page.locator("#legend span").nth(i).inner_text()[2:] for i in range(2)} == {first, second}
     shot(page, "console-jobs.png")
 

@@ -56,6 +56,13 @@ class ModelConfig:
     another value must agree with it."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """The weights' dtype."""
+    quantize: Optional[Literal["nf4", "int8"]] = None
+    """QLoRA: keep the frozen base's Linear weights in 4-bit NormalFloat (`nf4`, ~1/7 of float32) or 8-bit
+    integers (`int8`, weight-only, ~1/4) while the adapter trains in full precision; the output head, a new
+    task head and `modules_to_save` stay float. Needs an adapter and torchao (`pip install
+    'tunesmith[quantize]'`). eval, generate and resume re-quantize the base the same way; `merge` and export
+    dequantize it (merged weights: dequant(W) + s * B A). null: no quantization. See
+    [adapters.md](adapters.md#qlora-a-quantized-base)."""
 
 
 @dataclass
@@ -394,7 +401,22 @@ class RunConfig:
         """Checks a single section cannot make (each section checks its own fields when built)."""
         _require(bool(self.data.train),
                  "data.train: give a training file (JSONL/CSV) or a built-in dataset like 'bbc-news:train'")
+        self._check_quantize()
         return self
+
+    def _check_quantize(self) -> None:
+        q = self.model.quantize
+        if q is None:
+            return
+        _require(self.adapter is not None,
+                 f"model.quantize={q}: a quantized base stays frozen, so only an adapter can train on it (QLoRA); "
+                 f"add one (adapter.kind=lora), or set model.quantize=null to fine-tune the full model")
+        _require(not getattr(self.adapter, "use_dora", False),
+                 f"model.quantize={q}: DoRA needs the base weight's norms in float and is not supported on a "
+                 "quantized base; set adapter.use_dora=false, or model.quantize=null")
+        _require(self.objective.reference != "copy",
+                 f"model.quantize={q}: objective.reference=copy would copy the quantized base; use "
+                 "adapters_disabled (the same model with its adapter off, no second copy)")
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}

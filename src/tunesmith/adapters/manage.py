@@ -192,12 +192,16 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def merge_adapters(model: nn.Module, names: Sequence[str] | None = None) -> None:
-    """Fold adapters (default: the active ones) into the base weights. Calling it twice is harmless."""
+    """Fold adapters (default: the active ones) into the base weights. Calling it twice is harmless. A quantized
+    base weight (QLoRA) is dequantized first and stays float (unmerging leaves dequant(W))."""
     names = active_adapters(model) if names is None else list(names)
     _require(model, names)
     layers = [layer for _, layer in adapter_layers(model)]
     _check_mergeable(layers, names)
-    _untie_merge_targets(model, [layer for layer in layers if any(n in layer.configs for n in names)])
+    merging = [layer for layer in layers if any(n in layer.configs for n in names)]
+    _untie_merge_targets(model, merging)
+    from ..models.quantize import dequantize_base
+    dequantize_base(model, [layer.base_layer for layer in merging])  # a 4/8-bit base (QLoRA) becomes float to merge into
     for layer in layers:
         layer.merge(names)
 
@@ -247,12 +251,16 @@ def _check_mergeable(layers: list[AdapterLayer], names: Sequence[str]) -> None:
 
 def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
     """Merge adapters (default: active) and return the model with every tunesmith module removed. A module
-    trained in full becomes the copy of the merged adapter that owns one (else its original)."""
+    trained in full becomes the copy of the merged adapter that owns one (else its original); a quantized base
+    (QLoRA) comes back dequantized, in plain float weights."""
     names = active_adapters(model) if names is None else list(names)
     _require(model, names)
     _check_one_copy_each(model, names)
     merge_adapters(model, names)
-    return unload(model, _keep_merged=True, _keep_copies_of=names)
+    model = unload(model, _keep_merged=True, _keep_copies_of=names)
+    from ..models.quantize import dequantize_base
+    dequantize_base(model)  # the rest of a quantized base too: a plain float model, ready to save or export
+    return model
 
 
 def unload(model: nn.Module, _keep_merged: bool = False, _keep_copies_of: Sequence[str] = ()) -> nn.Module:

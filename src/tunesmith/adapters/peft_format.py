@@ -91,8 +91,10 @@ def base_model_hash(model: nn.Module) -> str | None:
     if cached is not None and cached[0] == key:
         return cached[1]
     h = hashlib.sha256()
+    from ..models.quantize import dequantized
     for name, p in base:
         name = name.replace(".base_layer.", ".")
+        p = dequantized(p)  # a quantized base (QLoRA) hashes as the float weights it stands for
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     model.__dict__["_tunesmith_base_hash"] = (key, h.hexdigest())

@@ -17,6 +17,7 @@ from ..io import atomic_directory, atomic_write_text
 from ..heads import TaskModel
 from ..models import load_model, load_tokenizer
 from ..models.loading import VISION_MARKER
+from ..models.quantize import quantize_base
 from ..objectives import Objective
 from ..runinfo import RunInfo, model_spec, read_run_info
 
@@ -134,6 +135,8 @@ def _load(run_dir: Path, cfg: RunConfig, info: RunInfo, merge: bool) -> LoadedRu
     kind = info.artifact if info.artifact in kinds else (kinds[0] if kinds else None)  # run.json says which is current
     if kind == "adapter":
         model = load(spec["name"])
+        if cfg.model.quantize:  # the base the adapter trained on: re-quantized exactly (a merge dequantizes it)
+            quantize_base(model, cfg.model.quantize, keep=cfg.adapter.modules_to_save if cfg.adapter else None)
         load_adapter(model, run_dir / "adapter")
         if merge:
             from ..adapters import merge_and_unload

@@ -21,6 +21,7 @@ from ..devices import autocast, resolve_device
 from ..errors import ConfigError
 from ..freeze import ParamSummary, trainable_summary
 from ..io import atomic_write_text, is_run_folder
+from ..models.quantize import quantization_summary
 from ..objectives import Objective
 from ..runinfo import RunInfo
 from .checkpoint import latest_checkpoint, load_checkpoint
@@ -282,6 +283,8 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
         log(f"data: {note}")
     params = trainable_summary(model)
     log(str(params))
+    if cfg.model.quantize:
+        log(quantization_summary(model))  # base weights nf4: 60 MiB in 210 Linear layers (float32 would be ...)
     if device.type != "cpu":
         log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     batches_per_epoch = math.ceil(len(built.data.train) / t.batch_size)

@@ -17,6 +17,7 @@ from ..freeze import (
     freeze, freeze_batchnorm, freeze_first_blocks, set_biases_trainable, set_norms_trainable, train_only, unfreeze,
 )
 from ..models import is_vision_model, load_model, load_tokenizer
+from ..models.quantize import quantize_base
 from ..objectives import Objective, choose_objective, objective_class
 from ..runinfo import RunInfo, model_spec
 
@@ -112,6 +113,8 @@ def build(cfg: RunConfig, tokenizer=None) -> Built:
     info = RunInfo(task, objective.name, data.fmt, data.modality, data.labels, objective.params(), model_spec(cfg))
     model = load_model(cfg.model.name, task, num_labels=info.num_outputs, pooling=cfg.head.pooling,
                        head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
+    if cfg.model.quantize:  # QLoRA: the frozen base in 4/8 bits before the adapter wraps it (models/quantize.py)
+        quantize_base(model, cfg.model.quantize, keep=cfg.adapter.modules_to_save)
     attach_trainables(model, cfg)
     if cfg.training.gradient_checkpointing:
         hf = getattr(model, "backbone", model)
