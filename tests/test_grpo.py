@@ -179,6 +179,8 @@ def test_grpo_trains_online_and_resumes_exactly(tmp_path, lm_dir, extra):
     rewards.write_text(REWARDS)
     full = train(grpo_cfg(lm_dir, data, rewards, tmp_path / "full", *extra), log=lambda *_: None)
     assert {"eval_reward", "eval_kl", "eval_completion_length", "eval_reward_std"} <= set(full)
+    # each source's held-out mean too (weights 1: they add up to the reward), so a hacked part shows
+    assert full["eval_reward_short"] + full["eval_reward_mentions_answer"] == pytest.approx(full["eval_reward"])
     records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["event"] == "train"]
     assert len(steps) == 4 and {"reward", "reward_std", "kl", "completion_length", "reward_short",

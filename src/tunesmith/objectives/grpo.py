@@ -274,15 +274,21 @@ class GRPO(Objective):
         kl = out.kl()
         if kl is not None:
             metrics["kl"] = (float(kl.sum()), n)
-        if out.sources.shape[1] > 1:
-            from ..rewards import reward_name
-            for k, f in enumerate(self._funcs or []):
-                metrics[f"reward_{reward_name(f, k)}"] = (float(out.sources[:, k].sum()), n)
+        for name, values in self._per_source(out).items():
+            metrics[name] = (sum(values), n)
         return metrics
+
+    def _per_source(self, out: Rollout) -> dict[str, list[float]]:
+        """Each reward source's scores, with several sources: a sum can rise while the part that matters falls
+        (a format reward hacked while correctness drops), so each is reported on its own."""
+        if out.sources.shape[1] < 2:
+            return {}
+        from ..rewards import reward_name
+        return {f"reward_{reward_name(f, k)}": out.sources[:, k].tolist() for k, f in enumerate(self._funcs or [])}
 
     def collect(self, out: Rollout, batch: dict) -> dict[str, list]:
         kl = out.kl()
-        return {"reward": out.rewards.tolist(), "length": out.mask.sum(-1).tolist(),
+        return {"reward": out.rewards.tolist(), "length": out.mask.sum(-1).tolist(), **self._per_source(out),
                 "group_std": out.rewards.view(-1, out.group).std(-1).tolist(), **({"kl": kl.tolist()} if kl is not None else {})}
 
     def metrics(self, loss_sum: float, count: int, correct: int | None, collected: dict) -> dict[str, float]:
@@ -292,6 +298,9 @@ class GRPO(Objective):
                "eval_completion_length": sum(collected.get("length", [])) / n}
         if collected.get("kl"):
             out["eval_kl"] = sum(collected["kl"]) / n
+        for key, values in collected.items():  # eval_reward_correct, ...: each source's held-out mean
+            if key.startswith("reward_") and key != "reward_std":
+                out[f"eval_{key}"] = sum(values) / n
         return out
 
 
