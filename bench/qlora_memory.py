@@ -27,16 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from sft_throughput import data, held_out_loss  # noqa: E402 - the same data split and evaluator
+from sft_throughput import data, held_out_loss, peak_rss_gb  # noqa: E402 - the same data split, evaluator, RSS
 
 MODEL = "smollm2-135m-instruct"
-
-
-def vm_hwm_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def reset_vm_hwm() -> bool:
@@ -79,18 +72,18 @@ def child(quantize: str, train: Path, test: Path, out: Path, steps: int, device:
 
     def after_step(event) -> None:
         if event.step == 1:  # setup done (the float32 load included), one step's activations seen
-            marks["load_peak_gb"] = vm_hwm_gb()
+            marks["load_peak_gb"] = peak_rss_gb()
             marks["reset"] = reset_vm_hwm()
             marks["held"], marks["full"] = base_weight_bytes(event.model)
 
     summary = fit(cfg, on_step=after_step, log=lambda *_: None)
-    train_peak = vm_hwm_gb() if marks.get("reset") else float("nan")
+    train_peak = peak_rss_gb() if marks.get("reset") else float("nan")
     run = load_run(out)
     result = {"quantize": quantize, "steps": summary["steps"], "tokens_per_s": summary["trained_tokens"] / summary["train_seconds"],
               "base_weight_mb": marks["held"] / 2**20, "base_weight_fp32_mb": marks["full"] / 2**20,
               "train_peak_rss_gb": train_peak, "final_train_loss": summary["final_loss"],
               "bf16": bool(load_config(out / "config.yaml").training.bf16),
-              "held_out_loss": held_out_loss(run.model, run.tokenizer, test), "peak_rss_gb": vm_hwm_gb()}
+              "held_out_loss": held_out_loss(run.model, run.tokenizer, test), "peak_rss_gb": peak_rss_gb()}
     if device.startswith("cuda"):
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print("RESULT " + json.dumps(result), flush=True)
