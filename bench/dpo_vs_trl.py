@@ -9,7 +9,9 @@ CPU), seed, LoRA (r 16, alpha 32, no dropout, all linear layers of the blocks), 
 lr 2e-4 constant, no warmup, max_length 192, gradient clipping at 1. The two libraries order the data
 differently (each its own seeded shuffle), so per-step losses differ by batch noise: the curves are
 compared by their first step (exactly log 2 in both: a fresh LoRA is the reference) and by the mean loss of
-each block of 5 steps. Then tunesmith alone, reference: adapters_disabled vs reference: copy.
+each block of 5 steps. TRL's DPOConfig turns gradient checkpointing on by default and tunesmith leaves it off, so
+both are run both ways and compared at the same setting. Then tunesmith alone, reference: adapters_disabled vs
+reference: copy.
 """
 from __future__ import annotations
 
@@ -31,17 +33,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_tunesmith(args, reference: str) -> dict:
+def run_tunesmith(args, reference: str, checkpointing: bool) -> dict:
     from tunesmith.config import load_config
     from tunesmith.train import train
-    out = Path(args.work) / f"tunesmith-{reference}"
+    out = Path(args.work) / f"tunesmith-{reference}-{checkpointing}"
     cfg = load_config(None, [
         f"model.name={args.model}", f"data.train={args.pairs}", "data.eval_fraction=0", "data.max_length=192",
         "adapter.kind=lora", f"adapter.targets={TARGETS}", "adapter.r=16", "adapter.alpha=32", "adapter.dropout=0",
         "objective.type=dpo", "objective.beta=0.1", f"objective.reference={reference}",
         f"training.max_steps={args.steps}", "training.batch_size=8", "training.lr=2e-4", "training.schedule=constant",
         "training.max_grad_norm=1.0", "training.log_every=1", "training.save_every=0", f"training.seed={args.seed}",
-        "training.device=cpu", "training.bf16=false", f"output.dir={out}", "output.progress=false"])  # TRL: fp32 too
+        "training.device=cpu", "training.bf16=false", f"training.gradient_checkpointing={checkpointing}",
+        f"output.dir={out}", "output.progress=false"])  # TRL: fp32 too
     start = time.perf_counter()
     summary = train(cfg, overwrite=True, log=lambda *_: None)
     seconds = time.perf_counter() - start
@@ -50,7 +53,7 @@ def run_tunesmith(args, reference: str) -> dict:
     return {"losses": losses, "train_seconds": summary["train_seconds"], "seconds": seconds}
 
 
-def run_trl(args) -> dict:
+def run_trl(args, checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -69,7 +72,8 @@ def run_trl(args) -> dict:
                        learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                        per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=args.steps,
                        logging_steps=1, save_strategy="no", report_to=[], seed=args.seed, use_cpu=True, bf16=False,
-                       fp16=False, weight_decay=0.0, dataloader_num_workers=0)
+                       fp16=False, weight_decay=0.0, dataloader_num_workers=0,
+                       gradient_checkpointing=checkpointing)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=lora)
     result = trainer.train()
@@ -81,7 +85,9 @@ def run_trl(args) -> dict:
 def child(args) -> None:
     import torch
     torch.set_num_threads(args.threads)
-    result = run_trl(args) if args.child == "trl" else run_tunesmith(args, args.child.split(":", 1)[1])
+    tool, *rest = args.child.split(":")
+    checkpointing = rest[-1] == "gc"
+    result = run_trl(args, checkpointing) if tool == "trl" else run_tunesmith(args, rest[0], checkpointing)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -112,37 +118,64 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="smollm2-135m-instruct", help="model spec (default smollm2-135m-instruct)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
+    p.add_argument("--reference-only", action="store_true", help="only redo the adapters-disabled vs copy memory "
+                                                                     "comparison, into the existing --out report")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
-    ours, trl = launch(args, "tunesmith:adapters_disabled", args.steps), launch(args, "trl", args.steps)
-    copy = launch(args, "tunesmith:copy", args.copy_steps)
-    same_start = max(abs(a - b) for a, b in zip(copy["losses"], ours["losses"]))  # the two references agree
-    ob, tb = blocks(ours["losses"]), blocks(trl["losses"])
-    report = {
-        "steps": args.steps, "tunesmith": ours, "trl": trl, "tunesmith_reference_copy": copy,
-        "first_loss": {"tunesmith": ours["losses"][0], "trl": trl["losses"][0], "log2": math.log(2)},
-        "mean_loss_per_5_steps": {"tunesmith": ob, "trl": tb},
-        "max_block_difference": max(abs(a - b) for a, b in zip(ob, tb)),
-        "train_time_ratio_tunesmith_over_trl": ours["train_seconds"] / trl["train_seconds"],
-        "peak_rss_ratio_tunesmith_over_trl": ours["peak_rss_mb"] / trl["peak_rss_mb"],
-        "peak_rss_mb_adapters_disabled_vs_copy": [ours["peak_rss_mb"], copy["peak_rss_mb"]],
-        "loss_difference_adapters_disabled_vs_copy": same_start,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"first step loss: tunesmith {ours['losses'][0]:.5f}, TRL {trl['losses'][0]:.5f} (log 2 = {math.log(2):.5f})")
-    print("mean loss per 5 steps:")
-    print("  tunesmith " + " ".join(f"{x:.4f}" for x in ob))
-    print("  TRL       " + " ".join(f"{x:.4f}" for x in tb))
-    print(f"train time: tunesmith {ours['train_seconds']:.1f} s, TRL {trl['train_seconds']:.1f} s "
-          f"(ratio {report['train_time_ratio_tunesmith_over_trl']:.2f})")
-    print(f"peak RSS:   tunesmith {ours['peak_rss_mb']:.0f} MB, TRL {trl['peak_rss_mb']:.0f} MB "
-          f"(ratio {report['peak_rss_ratio_tunesmith_over_trl']:.2f})")
-    print(f"LoRA-DPO peak RSS: reference = adapters disabled {ours['peak_rss_mb']:.0f} MB, reference = copy "
-          f"{copy['peak_rss_mb']:.0f} MB (their first {len(copy['losses'])} losses differ by at most {same_start:.1e})")
-    print(f"written to {args.out}")
+    out = Path(args.out)
+    if args.reference_only:  # redo the reference comparison only, into an existing report
+        report = json.loads(out.read_text())
+        report.update(compare_references(args))
+        out.write_text(json.dumps(report, indent=1))
+        return print_report(report, args.out)
+    runs = {gc: (launch(args, f"tunesmith:adapters_disabled:{gc}", args.steps), launch(args, f"trl:{gc}", args.steps))
+            for gc in ("nogc", "gc")}
+    report = {"steps": args.steps, **compare_references(args)}
+    for gc, (t, r) in runs.items():
+        tb, rb = blocks(t["losses"]), blocks(r["losses"])
+        report[gc] = {"tunesmith": t, "trl": r, "first_loss": [t["losses"][0], r["losses"][0]],
+                      "mean_loss_per_5_steps": {"tunesmith": tb, "trl": rb},
+                      "max_block_difference": max(abs(a - b) for a, b in zip(tb, rb)),
+                      "train_time_ratio_tunesmith_over_trl": t["train_seconds"] / r["train_seconds"],
+                      "peak_rss_ratio_tunesmith_over_trl": t["peak_rss_mb"] / r["peak_rss_mb"]}
+    report["defaults"] = {"train_time_ratio_tunesmith_over_trl": runs["nogc"][0]["train_seconds"] / runs["gc"][1]["train_seconds"],
+                          "peak_rss_ratio_tunesmith_over_trl": runs["nogc"][0]["peak_rss_mb"] / runs["gc"][1]["peak_rss_mb"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print_report(report, args.out)
+
+
+def compare_references(args) -> dict:
+    """Peak memory of LoRA-DPO with the disabled-adapter reference vs a frozen copy: the same short run
+    (--copy-steps: peak RSS grows with the longest batch seen, so both runs see the same batches)."""
+    ours, copy = (launch(args, f"tunesmith:{ref}:nogc", args.copy_steps) for ref in ("adapters_disabled", "copy"))
+    return {"reference_steps": args.copy_steps, "tunesmith_reference_copy": copy,
+            "peak_rss_mb_adapters_disabled_vs_copy": [ours["peak_rss_mb"], copy["peak_rss_mb"]],
+            "loss_difference_adapters_disabled_vs_copy": max(abs(a - b) for a, b in zip(copy["losses"], ours["losses"]))}
+
+
+def print_report(report: dict, out: str) -> None:
+    for gc in ("nogc", "gc"):
+        r = report[gc]
+        t, trl = r["tunesmith"], r["trl"]
+        print(f"gradient checkpointing {'on' if gc == 'gc' else 'off'} in both:")
+        print(f"  first step loss: tunesmith {t['losses'][0]:.5f}, TRL {trl['losses'][0]:.5f} (log 2 = {math.log(2):.5f})")
+        print("  mean loss per 5 steps: tunesmith " + " ".join(f"{x:.4f}" for x in r["mean_loss_per_5_steps"]["tunesmith"]))
+        print("                         TRL       " + " ".join(f"{x:.4f}" for x in r["mean_loss_per_5_steps"]["trl"]))
+        print(f"  train time: tunesmith {t['train_seconds']:.1f} s, TRL {trl['train_seconds']:.1f} s "
+              f"(ratio {r['train_time_ratio_tunesmith_over_trl']:.2f})")
+        print(f"  peak RSS:   tunesmith {t['peak_rss_mb']:.0f} MB, TRL {trl['peak_rss_mb']:.0f} MB "
+              f"(ratio {r['peak_rss_ratio_tunesmith_over_trl']:.2f})")
+    d = report["defaults"]
+    print(f"each with its defaults (tunesmith off, TRL on): time ratio {d['train_time_ratio_tunesmith_over_trl']:.2f}, "
+          f"peak RSS ratio {d['peak_rss_ratio_tunesmith_over_trl']:.2f}")
+    disabled, copy = report["peak_rss_mb_adapters_disabled_vs_copy"]
+    print(f"LoRA-DPO peak RSS over {report['reference_steps']} steps: reference = adapters disabled {disabled:.0f} MB, "
+          f"reference = copy {copy:.0f} MB (their losses differ by at most "
+          f"{report['loss_difference_adapters_disabled_vs_copy']:.1e})")
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

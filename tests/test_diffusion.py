@@ -356,3 +356,71 @@ def test_kohya_strict_refuses_unmapped_keys(sd, tmp_path):
     with pytest.raises(TunesmithError, match="--strict: 3 of"):
         import_kohya(file, sd, tmp_path / "out", strict=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_kohya_sgm_named_unet_keys_map_as_diffusers_maps_them(sd, tmp_path):
+    """kohya-ss's SDXL files name UNet modules the original (SGM) way: input_blocks / middle_block /
+    output_blocks. Each lands on the module it names (written out below from the SGM layout) and gives the UNet
+    diffusers' own loader gives; a key that does not place, and an SGM key naming the same module as a
+    diffusers-named key, are reported, never dropped silently (diffusers drops every SGM key of a file that
+    mixes both)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+    from tunesmith.adapters import load_adapter
+    from tunesmith.diffusion.kohya import import_kohya
+    from tunesmith.diffusion.pipeline import load_diffusion_model
+    u = load_diffusion_model(sd).unet  # layers_per_block 1; level 0 has attention, level 1 not
+    assert u.config.layers_per_block == 1
+    g = torch.Generator().manual_seed(7)
+    modules = {
+        "input_blocks_0_0": "conv_in",
+        "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+        "input_blocks_1_1_transformer_blocks_0_attn1_to_q": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "input_blocks_2_0_op": "down_blocks.0.downsamplers.0.conv",
+        "input_blocks_3_0_out_layers_3": "down_blocks.1.resnets.0.conv2",
+        "middle_block_1_transformer_blocks_0_attn2_to_k": "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+        "middle_block_2_in_layers_2": "mid_block.resnets.1.conv1",
+        "output_blocks_1_1_conv": "up_blocks.0.upsamplers.0.conv",  # part 1: this level has no attention
+        "output_blocks_3_1_proj_out": "up_blocks.1.attentions.1.proj_out",
+        "output_blocks_2_0_skip_connection": "up_blocks.1.resnets.0.conv_shortcut",
+    }
+    tensors = {}
+    for body, name in modules.items():
+        w = u.get_submodule(name).weight
+        tensors[f"lora_unet_{body}.lora_down.weight"] = torch.randn(4, *w.shape[1:], generator=g) * 0.3
+        tensors[f"lora_unet_{body}.lora_up.weight"] = torch.randn(w.shape[0], 4, *([1] * (w.dim() - 2)), generator=g) * 0.3
+        tensors[f"lora_unet_{body}.alpha"] = torch.tensor(2.0)
+    file = tmp_path / "sgm.safetensors"
+    save_file(tensors, str(file))
+    report = import_kohya(file, sd, tmp_path / "out")
+    assert not report.unmapped and len(report.mapped) == 3 * len(modules)
+    landed = {m["key"].split(".")[0]: m["to"].rsplit(".", 2)[0] for m in report.mapped}
+    assert landed == {f"lora_unet_{body}": f"unet.{name}" for body, name in modules.items()}
+
+    # diffusers 0.42.1 puts an upsampler at part 1 on `attentions.1.conv` (no such module), so that key is left
+    # out of the comparison; every other key, diffusers' SGM conversion is the oracle
+    oracle = tmp_path / "oracle.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("lora_unet_output_blocks_1_1_conv")}, str(oracle))
+    import_kohya(oracle, sd, tmp_path / "out-oracle")
+    pipe = StableDiffusionPipeline.from_pretrained(sd)
+    # the UNet config makes diffusers rename SGM keys (its SDXL pipeline passes it; without it, the SD pipeline
+    # silently keeps only conv_in of this file)
+    pipe.load_lora_weights(tmp_path, weight_name=oracle.name, unet_config=pipe.unet.config)
+    assert sum(1 for m in pipe.unet.modules() if getattr(m, "lora_A", None)) == len(modules) - 1
+    ours = load_diffusion_model(sd).eval()
+    load_adapter(ours, tmp_path / "out-oracle")
+    inputs = unet_inputs(ours.unet)
+    torch.testing.assert_close(unet_out(ours.unet, inputs), unet_out(pipe.unet.eval(), inputs), rtol=1e-4, atol=1e-4)
+
+    mixed = dict(tensors)  # plus: a diffusers-named key for a module an SGM key names, and one that does not place
+    w = u.down_blocks[0].resnets[0].conv1.weight
+    mixed["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"] = torch.zeros(2, *w.shape[1:])
+    mixed["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"] = torch.zeros(w.shape[0], 2, 1, 1)
+    mixed["lora_unet_input_blocks_2_1_proj_in.lora_down.weight"] = torch.zeros(4, 16)  # the downsampler's slot
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    report = import_kohya(tmp_path / "mixed.safetensors", sd, tmp_path / "out2")
+    reasons = {u["key"]: u["reason"] for u in report.unmapped}
+    assert "names the same module as lora_unet_down_blocks_0_resnets_0_conv1" in \
+        reasons["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"]
+    assert "does not place in this UNet" in reasons["lora_unet_input_blocks_2_1_proj_in.lora_down.weight"]
+    assert len(report.mapped) + len(report.unmapped) == len(mixed)  # every key, once

@@ -253,7 +253,7 @@ def cmd_serve(args) -> int:
     from .service.app import create_app
     app = create_app(args.data, keys, _bases(args.model), args.max_upload_mb,
                      start_worker=not args.no_worker, device=args.device, job_config=args.job_config,
-                     allow_python_graders=args.allow_python_graders, db=_database(args))
+                     allow_python_graders=args.allow_python_graders, db=_database(args), job_nproc=args.nproc)
     access = "WITHOUT authentication (--no-auth)" if keys is None else f"{len(keys)} API key(s)"
     print(f"tunesmith API on http://{args.host}:{args.port}/v1 (web page at /), {access}, data in {args.data}, "
           f"store {app.state.store.path}")
@@ -274,6 +274,10 @@ DB_HELP = ("the store: sqlite (a file in --data) or postgresql://USER@HOST:PORT/
            "with, else sqlite; docs/service.md)")
 
 
+NPROC_HELP = ("train each job on N processes of this machine: torchrun with DDP, one per GPU (or N CPU processes "
+              "with gloo); a pause or cancel then takes effect after the current step (default 1)")
+
+
 def cmd_worker(args) -> int:
     import json as _json
     from .service.store import Store
@@ -281,9 +285,10 @@ def cmd_worker(args) -> int:
     store = Store(args.data, _database(args))
     if not (store.dir / "bases.json").exists():
         (store.dir / "bases.json").write_text(_json.dumps(_bases(args.model)))
-    print(f"worker on {store.path}: running queued jobs one at a time (Ctrl-C stops)")
+    each = f", each on {args.nproc} processes (torchrun, DDP)" if args.nproc > 1 else ""
+    print(f"worker on {store.path}: running queued jobs one at a time{each} (Ctrl-C stops)")
     try:
-        work_forever(store)
+        work_forever(store, nproc=args.nproc)
     except KeyboardInterrupt:
         return 0
     return 0
@@ -390,12 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "training process, so allow it only for users you trust (default: refused with a 400)")
     s.add_argument("--device", default="auto", help="where chat completions run: " + DEVICE_HELP +
                    " (training jobs use a GPU when there is one)")
+    s.add_argument("--nproc", type=positive_int, default=1, metavar="N", help=NPROC_HELP)
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("worker", help="run queued fine-tuning jobs", description="Run jobs from a serve data folder, one at a time.")
     k.add_argument("--data", default="tunesmith-data", help="the data folder `tunesmith serve` uses")
     k.add_argument("--model", action="append", metavar="NAME=PATH", help="extra base models, as for serve")
     k.add_argument("--db", help=DB_HELP)
+    k.add_argument("--nproc", type=positive_int, default=1, metavar="N", help=NPROC_HELP)
     k.set_defaults(func=cmd_worker)
 
     i = sub.add_parser("inspect", help="list modules and suggested LoRA targets",

@@ -10,11 +10,15 @@ Module names are matched against names built from the base pipeline's own module
 text encoders with or without `text_model.`), so the mapping holds for any UNet2DConditionModel layout. A
 key is reported as not mapped when its module is not in the base (with the closest names), when its shapes
 do not fit, when half of a pair is missing, or when it belongs to a network type other than LoRA (LoHa, LoKr,
-DoRA scales, Tucker mid weights, full diffs; also SGM-named UNet keys, `input_blocks`/`output_blocks`).
+DoRA scales, Tucker mid weights, full diffs), or when two keys name one module. SGM-named UNet keys (kohya-ss
+trains SDXL on the original UNet: `input_blocks` / `middle_block` / `output_blocks`) are renamed to diffusers'
+names from the base UNet's layers_per_block, as diffusers' own loader does — but one at a time, reported, and
+never silently dropped when a file mixes both namings.
 """
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +108,49 @@ def kohya_names(model: nn.Module) -> tuple[dict[str, str], dict[str, list[str]]]
     return table, clashes
 
 
+SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+              "skip_connection": "conv_shortcut"}
+SGM_OUTSIDE = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+               "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+               "label_emb_0_2": "add_embedding_linear_2"}
+SGM_NAME = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_")
+SGM_BLOCK = re.compile(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)|middle_block_(\d+)_(.+)")
+
+
+def sgm_stem(stem: str, layers_per_block: int) -> str | None:
+    """The diffusers-named Kohya stem of an SGM-named UNet stem (kohya-ss trains SDXL on the original UNet:
+    `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), or None when it does not place. Input
+    block i > 0 is level (i - 1) // (L + 1) at position (i - 1) % (L + 1), the last position holding the
+    downsampler (`op`); output block i is level i // (L + 1) at position i % (L + 1); within one, part 0 is the
+    ResNet, then the attention, then the upsampler (`conv`); the middle block is ResNet, attention, ResNet."""
+    body = stem[len("lora_unet_"):]
+    if body in SGM_OUTSIDE:
+        return "lora_unet_" + SGM_OUTSIDE[body]
+    m = SGM_BLOCK.fullmatch(body)
+    if m is None:
+        return None
+    if m.group(5) is not None:  # the middle block
+        where, rest = {0: "mid_block_resnets_0", 1: "mid_block_attentions_0", 2: "mid_block_resnets_1"}.get(
+            int(m.group(5))), m.group(6)
+    else:
+        slots = layers_per_block + 1
+        kind, i, part, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        level, pos = ((i - 1) // slots, (i - 1) % slots) if kind == "input_blocks" else (i // slots, i % slots)
+        side = "down_blocks" if kind == "input_blocks" else "up_blocks"
+        if kind == "input_blocks" and pos == layers_per_block:
+            return f"lora_unet_down_blocks_{level}_downsamplers_0_conv" if (part, rest) == (0, "op") else None
+        if kind == "output_blocks" and part > 0 and rest == "conv":
+            return f"lora_unet_up_blocks_{level}_upsamplers_0_conv"
+        where = f"{side}_{level}_{'resnets' if part == 0 else 'attentions'}_{pos}"
+    if where is None:
+        return None
+    if "_resnets_" in where:
+        rest = SGM_RESNET.get(rest)
+        if rest is None:
+            return None
+    return f"lora_unet_{where}_{rest}"
+
+
 def _other_type(suffix: str) -> str | None:
     for marker, what in OTHER_TYPES.items():
         if suffix.startswith(marker):
@@ -115,6 +162,8 @@ def plan_import(tensors: dict[str, torch.Tensor], model: nn.Module, report: Impo
     """{module name: {A, B, r, alpha, keys}} for every module whose Kohya keys fit; everything else goes to
     `report.unmapped` with its reason."""
     table, clashes = kohya_names(model)
+    unet = getattr(model, "unet", None)
+    layers = getattr(getattr(unet, "config", None), "layers_per_block", None)
     groups: dict[str, dict[str, str]] = {}
     for key in tensors:
         stem, _, suffix = key.partition(".")
@@ -123,6 +172,21 @@ def plan_import(tensors: dict[str, torch.Tensor], model: nn.Module, report: Impo
 
     def refuse(keys, reason: str) -> None:
         report.unmapped.extend({"key": k, "reason": reason} for k in sorted(keys))
+
+    sgm: dict[str, str] = {}  # SGM-named UNet stems (SDXL files of kohya-ss) -> the diffusers stems they name
+    for stem in [s for s in groups if s not in table and SGM_NAME.match(s)]:
+        name = sgm_stem(stem, layers) if isinstance(layers, int) else None
+        if name is None:
+            refuse(groups.pop(stem).values(), "an SGM UNet name (input_blocks / middle_block / output_blocks) that "
+                                              f"does not place in this UNet (layers_per_block={layers})")
+        elif name in groups or name in sgm.values():
+            other = name if name in groups else next(k for k, v in sgm.items() if v == name)
+            refuse(groups.pop(stem).values(), f"names the same module as {other}: one file, two LoRAs for one "
+                                              "module; keep one of them")
+        else:
+            sgm[stem] = name
+    for stem, name in sgm.items():
+        groups[name] = groups.pop(stem)
 
     for stem, keys in sorted(groups.items()):
         if not stem.startswith(tuple(PREFIXES)):

@@ -103,15 +103,15 @@ class DPO(Objective):
 
     def forward(self, model, batch: dict) -> torch.Tensor:
         """(B, 6): policy log-probs of chosen and rejected, the reference's, and the completion lengths."""
-        logps, lengths = sequence_logps(model, batch)  # (2B,): chosen rows, then rejected rows
         b = batch["margin"].shape[0]
         if self.reference_free:
-            ref = torch.zeros_like(logps)
+            ref = torch.zeros(2 * b)
         elif "ref_logps" in batch:  # precomputed
-            ref = batch["ref_logps"].to(logps).t().reshape(-1)  # (B, 2) -> chosen..., rejected...
-        else:
-            ref = self._reference.run(model, lambda m, bt: sequence_logps(m, bt)[0], batch).to(logps)
-        lengths = lengths.to(logps)
+            ref = batch["ref_logps"].t().reshape(-1)  # (B, 2) -> chosen..., rejected...
+        else:  # first: its forward pass then runs while no policy activations are held
+            ref = self._reference.run(model, lambda m, bt: sequence_logps(m, bt)[0], batch)
+        logps, lengths = sequence_logps(model, batch)  # (2B,): chosen rows, then rejected rows
+        ref, lengths = ref.to(logps), lengths.to(logps)
         return torch.stack([logps[:b], logps[b:], ref[:b], ref[b:], lengths[:b], lengths[b:]], dim=-1)
 
     def _terms(self, out: torch.Tensor):

@@ -14,7 +14,9 @@ from torch import nn
 
 from ..adapters import adapter_layers, disable_adapters, saved_modules, unload
 from ..errors import ConfigError
+from .chunked_ce import linear_token_logps
 from .losses import IGNORE
+from .sft import head_returns_its_input, plain_head
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,15 +41,26 @@ def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of each row's label tokens (labels != -100), and their count: (N,), (N,)."""
+    """Summed log-probs of each row's label tokens (labels != -100), and their count: (N,), (N,). With a plain
+    output layer, only the label positions go through it, in chunks (no N x T x V logits kept for backward)."""
     labels = batch["labels"]  # (N, T)
-    has = labels[:, 1:] != IGNORE  # the first token is never predicted
+    targets = labels[:, 1:]  # predicted by positions 0 ... T - 2: the first token is never predicted
+    mask = targets != IGNORE
+    head = plain_head(model)
+    if head is not None:
+        with head_returns_its_input(head):
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                           use_cache=False).logits  # (N, T, H)
+        lp = linear_token_logps(hidden[:, :-1][mask], head.weight, head.bias, targets[mask])
+        rows = mask.nonzero()[:, 0]
+        return torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp), mask.sum(-1)
+    has = mask
     first = 1 + int(has.float().argmax(-1)[has.any(-1)].min()) if has.any() else labels.shape[1] - 1
     logits = lm_logits(model, batch["input_ids"], batch.get("attention_mask"), labels.shape[1] - first + 1)
-    targets = labels[:, first:]  # (N, T - first): predicted by logits at first - 1 ... T - 2
-    mask = targets != IGNORE
-    lp = token_logps(logits[:, :-1], targets.clamp(min=0)) * mask
-    return lp.sum(-1), mask.sum(-1)
+    kept = labels[:, first:]  # predicted by logits at first - 1 ... T - 2
+    keep_mask = kept != IGNORE
+    lp = token_logps(logits[:, :-1], kept.clamp(min=0)) * keep_mask
+    return lp.sum(-1), keep_mask.sum(-1)
 
 
 def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -55,8 +68,16 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     """Per-token log-probs of the last `completion_length` tokens of each row: (N, L). Rows may be left-padded
     (prompts of different lengths), so positions count real tokens only."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    targets = input_ids[:, -completion_length:]
+    head = plain_head(model)
+    if head is not None:
+        with head_returns_its_input(head):
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                           use_cache=False).logits[:, -completion_length - 1:-1]  # (N, L, H)
+        lp = linear_token_logps(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1))
+        return lp.view(targets.shape)
     logits = lm_logits(model, input_ids, attention_mask, completion_length + 1, positions)
-    return token_logps(logits[:, :-1], input_ids[:, -completion_length:])
+    return token_logps(logits[:, :-1], targets)
 
 
 def has_adapters(model: nn.Module) -> bool:

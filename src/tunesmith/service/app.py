@@ -84,11 +84,12 @@ class DeclaredLengthLimit:
 
 def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str, str], max_upload_mb: float = 100,
                start_worker: bool = True, device: str = "auto", job_config: str | Path | None = None,
-               allow_python_graders: bool = False, db: str | None = None) -> FastAPI:
+               allow_python_graders: bool = False, db: str | None = None, job_nproc: int = 1) -> FastAPI:
     """The app on data folder `data_dir`. api_keys: the accepted bearer keys, or None for no authentication
     (`serve --no-auth`). job_config: a YAML run-config fragment every job trains with (checked now, copied into
     the data folder so that `tunesmith worker` processes use it too). allow_python_graders: reinforcement jobs
-    may use OpenAI's `python` grader, which runs the job's code in its training process."""
+    may use OpenAI's `python` grader, which runs the job's code in its training process. job_nproc: processes
+    the in-process worker trains each job on (torchrun, DDP)."""
     from ..io import atomic_write_text
     from .job import JOB_CONFIG, PYTHON_GRADERS, check_job_config
     if api_keys is not None and (not api_keys or not all(isinstance(k, str) and k.strip() for k in api_keys)):
@@ -116,7 +117,8 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
 
         @app.on_event("startup")
         def _start() -> None:
-            threading.Thread(target=work_forever, args=(store, app.state.stop), daemon=True).start()
+            threading.Thread(target=work_forever, args=(store, app.state.stop), kwargs={"nproc": job_nproc},
+                             daemon=True).start()
 
         @app.on_event("shutdown")
         def _stop() -> None:

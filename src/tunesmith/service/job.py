@@ -177,6 +177,16 @@ def missing_file(store: Store, job: dict) -> dict | None:
     return None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
 def stop_wanted(row: dict) -> bool:
     """A cancel or pause was asked for, or the job was ended (cancelled) while nothing ran it."""
     return row["want"] in ("cancel", "pause") or row["status"] in TERMINAL
@@ -184,24 +194,42 @@ def stop_wanted(row: dict) -> bool:
 
 class Reporter:
     """on_step for train(): metrics events, chat-able checkpoints at each epoch end and each saved training
-    checkpoint, and the per-step look at the store (lost lease: exit; cancel or pause: stop)."""
+    checkpoint, and the per-step look at the store (lost lease: exit; cancel or pause: stop). Under torchrun
+    (a worker's --nproc), rank 0 alone reads and writes the store and every rank acts on its decision, so all
+    stop after the same step."""
 
     def __init__(self, store: Store, job: dict, owner: str | None) -> None:
         self.store, self.job, self.owner = store, job, owner
         self.run_dir = store.dir / "jobs" / job["id"]
-        self.parent = os.getppid()
+        # the worker: this process's parent, or torchrun's (it says so in $TUNESMITH_WORKER_PID)
+        self.worker = int(os.environ.get("TUNESMITH_WORKER_PID") or os.getppid())
+        self.direct = self.worker == os.getppid()
         self.last_metrics: dict | None = None
 
+    def worker_alive(self) -> bool:
+        if os.getppid() == self.worker:
+            return True
+        return not self.direct and _alive(self.worker)  # a direct child is re-parented when its worker dies
+
     def still_ours(self, row: dict | None = None) -> bool:
-        if os.getppid() != self.parent:  # the worker died: another worker resumes the job once its lease expires
+        if not self.worker_alive():  # the worker died: another worker resumes the job once its lease expires
             return False
         row = row or self.store.job_row(self.job["id"])
         return self.owner is None or row["owner"] == self.owner
 
     def __call__(self, event) -> None:
+        from ..train.distributed import on_main_process
+        decision = on_main_process(self.report, event)
+        if decision == "lost":
+            os._exit(75)  # write nothing more: the job belongs to another worker now
+        if decision == "stop":
+            raise KeyboardInterrupt  # train() saves a checkpoint and re-raises; the worker records which
+
+    def report(self, event) -> str:
+        """The step's events and checkpoint model; "go", "stop" (cancel or pause asked) or "lost"."""
         row = self.store.job_row(self.job["id"])  # one read a step: who holds the job, and what is asked of it
         if not self.still_ours(row):
-            os._exit(75)  # write nothing more: the job belongs to another worker now
+            return "lost"
         job_id, step, total = self.job["id"], event.step, event.total_steps
         metrics = {"step": step, "train_loss": event.loss, "train_mean_token_accuracy": event.accuracy,
                    **{f"train_{k}": v for k, v in event.extra.items()}}  # DPO's reward margin, RL's mean reward
@@ -212,8 +240,7 @@ class Reporter:
         self.last_metrics = metrics
         if step < total and (event.checkpoint or event.epoch_end):
             self.save_checkpoint_model(event.model, step, metrics)  # the final one is the job's own model
-        if stop_wanted(row):  # after this step is recorded, so its checkpoint and its events agree
-            raise KeyboardInterrupt  # train() saves a checkpoint and re-raises; the worker records which
+        return "stop" if stop_wanted(row) else "go"  # after this step is recorded: its checkpoint and events agree
 
     def save_checkpoint_model(self, model, step: int, metrics: dict) -> None:
         """Like OpenAI's, a checkpoint is a model you can chat with: `ft:...:ckpt-step-N`."""
@@ -261,16 +288,20 @@ def train_job(store: Store, job: dict, config_path: Path, reporter: Reporter) ->
     from ..config import load_config
     from ..train import train
     from ..train.checkpoint import latest_checkpoint
+    from ..train.distributed import on_main_process
     run_dir = config_path.parent
     if (run_dir / "summary.json").exists():
         return json.loads((run_dir / "summary.json").read_text())
     checkpoint = latest_checkpoint(run_dir)
-    store.rewind_job(job["id"], int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+    on_main_process(store.rewind_job, job["id"], int(checkpoint.name.split("-")[1]) if checkpoint else 0)
     return train(load_config(config_path), resume=True, on_step=reporter)
 
 
 def run(job_id: str, data_dir: str, owner: str | None = None) -> int:
-    """The job's whole life in this process; any failure becomes the job's error (it fails once, never loops)."""
+    """The job's whole life in this process; any failure becomes the job's error (it fails once, never loops).
+    Under torchrun every rank runs this; rank 0 alone writes to the store."""
+    from ..train.distributed import is_main_process, join_process_group
+    join_process_group()
     store = Store(data_dir)
     job = store.get_job(job_id)
     try:
@@ -278,11 +309,26 @@ def run(job_id: str, data_dir: str, owner: str | None = None) -> int:
     except KeyboardInterrupt:
         return 130  # paused or cancelled: the worker records which
     except Exception as e:  # noqa: BLE001 - any failure becomes the job's error, never a silent stop or a retry
+        if not is_main_process():
+            return 1  # rank 0 records it
         return fail(store, job_id, {"code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None},
                     {"traceback": traceback.format_exc()[-2000:]})
 
 
 def _run(store: Store, job: dict, owner: str | None) -> int:
+    from ..train.distributed import on_main_process
+    reporter = Reporter(store, job, owner)
+    config_path = store.dir / "jobs" / job["id"] / JOB_RUN_CONFIG
+    code = on_main_process(begin, store, job, config_path)
+    if code is not None:
+        return code
+    result = train_job(store, job, config_path, reporter)
+    code = on_main_process(lambda: 75 if not reporter.still_ours() else succeed(store, job, result, reporter))
+    return code
+
+
+def begin(store: Store, job: dict, config_path: Path) -> int | None:
+    """Checks, the first start's preparation and the "running" status; an exit code if the job ends here."""
     job_id = job["id"]
     error = missing_file(store, job)
     if error:
@@ -294,21 +340,26 @@ def _run(store: Store, job: dict, owner: str | None) -> int:
         return fail(store, job_id, {"code": "python_graders_disabled", "param": "method.reinforcement.grader",
                                     "message": "This job's grader runs Python code, and the server no longer allows "
                                                "it (start `tunesmith serve --allow-python-graders`)"})
-    reporter = Reporter(store, job, owner)
-    config_path = store.dir / "jobs" / job_id / JOB_RUN_CONFIG
     resumed = config_path.exists()
     if not resumed and prepare(store, job) is None:
         return 1
     if stop_wanted(store.job_row(job_id)):
         return 130
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from ..config import load_config
+        if load_config(config_path).distributed.strategy != "ddp":
+            return fail(store, job_id, {"code": "unsupported_distributed", "param": None, "message":
+                                        "a worker's --nproc runs jobs with distributed.strategy: ddp (FSDP jobs "
+                                        "cannot save chat-able checkpoints from one rank); remove distributed from "
+                                        "the server's --job-config, or run the worker without --nproc"})
     kind = job["method"]["type"]
     store.update_job(job_id, status="running", hyperparameters={k: hp[k] for k in AUTO},
                      method={**job["method"], kind: {**job["method"][kind], "hyperparameters": hp}})
     store.add_event(job_id, "Fine-tuning job resumed from its last checkpoint" if resumed else "Fine-tuning job started")
-    result = train_job(store, job, config_path, reporter)
-    if not reporter.still_ours():
-        return 75
-    return succeed(store, job, result, reporter)
+    if world > 1:
+        store.add_event(job_id, f"Training on {world} processes (torchrun, DDP)")
+    return None
 
 
 def succeed(store: Store, job: dict, result: dict, reporter: Reporter) -> int:

@@ -75,7 +75,7 @@ def reclaim_from_dead_workers(store: Store) -> None:
         if owner_node != node or not owner_pid.isdigit() or _alive(int(owner_pid)):
             continue
         if row["pid"] and _is_job_process(row["pid"], row["id"]):
-            os.kill(row["pid"], signal.SIGKILL)  # checkpoints are atomic; a resumed run redoes the lost steps
+            _kill_tree(row["pid"])  # checkpoints are atomic; a resumed run redoes the lost steps
             for _ in range(50):
                 if not _alive(row["pid"]):
                     break
@@ -86,8 +86,46 @@ def reclaim_from_dead_workers(store: Store) -> None:
 recover = reclaim_from_dead_workers  # the name the server used before leases
 
 
-def run_one(store: Store, row: dict, owner: str, lease_s: float = LEASE_S, poll: float = 0.2) -> None:
-    """Run the claimed job `row` to its end (or until this worker loses its lease), renewing the lease."""
+def job_command(job_id: str, data_dir: Path, owner: str, nproc: int = 1) -> list[str]:
+    """The job's process: `python -m tunesmith.service.job`, or torchrun running it on `nproc` local processes
+    (DDP; --standalone: a rendezvous on a free local port)."""
+    job = ["-m", "tunesmith.service.job", job_id, str(data_dir), owner]
+    if nproc <= 1:
+        return [sys.executable, *job]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *job]
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (from /proc; just `pid` where there is none). torchrun starts each rank in a
+    session of its own, so the job's process group alone would miss them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            tree.append(child)
+            todo.append(child)
+    return tree
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the job's processes: each one's group (the job's session; each torchrun rank's), all at once
+    (listed first: a rank whose parent died is re-parented and could no longer be found)."""
+    for p in process_tree(pid):
+        try:
+            os.killpg(p, signal.SIGKILL) if os.getpgid(p) == p else os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def run_one(store: Store, row: dict, owner: str, lease_s: float = LEASE_S, poll: float = 0.2, nproc: int = 1) -> None:
+    """Run the claimed job `row` to its end (or until this worker loses its lease), renewing the lease.
+    nproc > 1: the job trains on that many processes under torchrun."""
     job_id = row["id"]
     if row["want"] in ("cancel", "pause"):  # asked while no worker held it
         _settle(store, job_id, owner, row["want"])
@@ -95,11 +133,10 @@ def run_one(store: Store, row: dict, owner: str, lease_s: float = LEASE_S, poll:
     if row["status"] == "running":
         store.add_event(job_id, "The server restarted or the worker running this job stopped; another worker took "
                                 "it over and resumes it from its last checkpoint", level="warn")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TUNESMITH_WORKER_PID=str(os.getpid()))
     with open(store.dir / "jobs" / f"{job_id}.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tunesmith.service.job", job_id, str(store.dir), owner],
-                                stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # a Ctrl-C or SIGTERM to the server's group is not the job's
+        proc = subprocess.Popen(job_command(job_id, store.dir, owner, nproc), stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)  # a Ctrl-C or SIGTERM to the server's group is not the job's
     store.set_job_control(job_id, pid=proc.pid)
     renewed, wanted_since, signalled = time.monotonic(), None, False
     while proc.poll() is None:
@@ -107,7 +144,7 @@ def run_one(store: Store, row: dict, owner: str, lease_s: float = LEASE_S, poll:
         try:
             if time.monotonic() - renewed > lease_s / 3:
                 if not store.renew_lease(job_id, owner, lease_s):  # another worker holds it now
-                    proc.kill()
+                    _kill_tree(proc.pid)
                     proc.wait()
                     return
                 renewed = time.monotonic()
@@ -115,8 +152,9 @@ def run_one(store: Store, row: dict, owner: str, lease_s: float = LEASE_S, poll:
         except Exception:  # noqa: BLE001 - a busy database: try again at the next poll, the lease has slack
             continue
         wanted_since = (wanted_since or time.monotonic()) if want in ("cancel", "pause") else None
-        if wanted_since and not signalled and time.monotonic() - wanted_since > SIGNAL_AFTER_S:
+        if wanted_since and not signalled and nproc <= 1 and time.monotonic() - wanted_since > SIGNAL_AFTER_S:
             proc.send_signal(signal.SIGINT)  # the loop saves a checkpoint, then exits
+            # (not to torchrun: its ranks would stop at different points; they stop together after the step)
             signalled = True
     row = store.job_row(job_id)
     if row["owner"] != owner:
@@ -142,9 +180,9 @@ def _settle(store: Store, job_id: str, owner: str, want: str) -> None:
 
 
 def work_forever(store: Store, stop: threading.Event | None = None, poll: float = 0.3,
-                 lease_s: float | None = None) -> None:
+                 lease_s: float | None = None, nproc: int = 1) -> None:
     """Claim and run jobs until `stop` is set. lease_s: how long a claimed job stays this worker's without a
-    heartbeat (default $TUNESMITH_JOB_LEASE_S or 30 s)."""
+    heartbeat (default $TUNESMITH_JOB_LEASE_S or 30 s). nproc: processes each job trains on (torchrun, DDP)."""
     owner, lease_s = worker_name(), lease_s or LEASE_S
     while stop is None or not stop.is_set():
         try:
@@ -153,7 +191,7 @@ def work_forever(store: Store, stop: threading.Event | None = None, poll: float 
             if row is None:
                 time.sleep(poll)
                 continue
-            run_one(store, row, owner, lease_s)
+            run_one(store, row, owner, lease_s, nproc=nproc)
         except Exception:  # noqa: BLE001 - the worker outlives any one job's trouble; the lease covers the job
             traceback.print_exc()
             time.sleep(poll)

@@ -64,6 +64,37 @@ def start_distributed(cfg) -> "Distributed | None":
     return Distributed(rank, world, device, cfg.distributed.strategy)
 
 
+def join_process_group() -> bool:
+    """Under torchrun, join the process group now (before the run's config is known: gloo for CPU tensors,
+    NCCL for CUDA ones); start_distributed then finds it joined. False in one process."""
+    if not launched_by_torchrun():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave)
+    return True
+
+
+def on_main_process(fn: Callable, *args) -> Any:
+    """fn(*args) in one process, or on rank 0 only of a process group: every rank gets its result, or raises
+    its error."""
+    if not dist.is_initialized():
+        return fn(*args)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn(*args))]
+        except BaseException as e:  # told to the other ranks, then raised here as it was
+            box = [("error", f"rank 0: {e}")]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise TunesmithError(value)
+    return value
+
+
 def exec_torchrun(nproc: int, argv: list[str]) -> None:
     """Replace this process by torchrun running `nproc` copies of `python -m tunesmith ARGV` on this machine
     (--standalone: a rendezvous on a free local port)."""
@@ -129,19 +160,7 @@ class Distributed:
 
     def on_main(self, fn: Callable, *args) -> Any:
         """fn(*args) on rank 0 only; every rank gets its result, or raises its error."""
-        box: list = [None]
-        if self.is_main:
-            try:
-                box = [("ok", fn(*args))]
-            except BaseException as e:  # told to the other ranks, then raised here as it was
-                box = [("error", f"rank 0: {e}")]
-                dist.broadcast_object_list(box, src=0)
-                raise
-        dist.broadcast_object_list(box, src=0)
-        kind, value = box[0]
-        if kind == "error":
-            raise TunesmithError(value)
-        return value
+        return on_main_process(fn, *args)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """DDP around the model (the model itself is what is saved), or FSDP2 on each block and the root.
