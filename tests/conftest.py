@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# A suite started in the background by a non-interactive shell (`nohup make test &`) inherits SIGINT ignored, and
+# so would every process it starts; the Ctrl-C tests need Ctrl-C delivered (children then get the default).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from pg_support import postgres_store_pass  # noqa: E402,F401 - the service suite's PostgreSQL pass (.ci/run)
 

@@ -424,3 +424,24 @@ def test_kohya_sgm_named_unet_keys_map_as_diffusers_maps_them(sd, tmp_path):
         reasons["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"]
     assert "does not place in this UNet" in reasons["lora_unet_input_blocks_2_1_proj_in.lora_down.weight"]
     assert len(report.mapped) + len(report.unmapped) == len(mixed)  # every key, once
+
+
+def test_kohya_sgm_keys_that_do_not_place_are_refused_with_their_reading(sd, tmp_path):
+    """Output blocks have parts 0-2 and an upsampler only at the end of a level; a key outside that layout is
+    not mapped (it would otherwise land on a real module, even displacing the genuine key). Long lists of bad
+    keys are counted, not cut off silently; an empty file says so."""
+    from safetensors.torch import save_file
+    from tunesmith.diffusion.kohya import import_kohya, sgm_stem
+    from tunesmith.errors import TunesmithError
+    assert sgm_stem("lora_unet_output_blocks_0_1_conv", 1) is None  # not the last position of its level
+    assert sgm_stem("lora_unet_output_blocks_1_1_conv", 1) == "lora_unet_up_blocks_0_upsamplers_0_conv"
+    assert sgm_stem("lora_unet_output_blocks_2_5_proj_in", 1) is None and sgm_stem("lora_unet_input_blocks_1_2_proj_in", 1) is None
+    bad = {f"lora_unet_input_blocks_{i}_1_proj_in.lora_down.weight": torch.zeros(4, 16) for i in range(60, 120)}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(TunesmithError) as e:
+        import_kohya(tmp_path / "bad.safetensors", sd, tmp_path / "out")
+    assert "none of its 60 keys" in str(e.value) and "... and 10 more keys not mapped" in str(e.value)
+    assert "an SGM UNet name, read as lora_unet_down_blocks_" in str(e.value)  # what it was taken for
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(TunesmithError, match="holds no tensors"):
+        import_kohya(tmp_path / "empty.safetensors", sd, tmp_path / "out")

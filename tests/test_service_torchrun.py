@@ -18,8 +18,23 @@ from tunesmith.service.worker import process_tree
 pytestmark = pytest.mark.slow
 
 
-def worker(store, node: str, nproc: int, lease_s: float = 30) -> subprocess.Popen:
+SLOW_CHECKPOINTS = """
+import time
+import tunesmith.train.checkpoint as c
+write = c.write_checkpoint
+def slow(*args, **kwargs):
+    time.sleep(2)  # a big model on a slow disk
+    return write(*args, **kwargs)
+c.write_checkpoint = slow
+"""
+
+
+def worker(store, node: str, nproc: int, lease_s: float = 30, slow_checkpoints: Path | None = None) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TUNESMITH_JOB_LEASE_S=str(lease_s), TUNESMITH_NODE=node)
+    if slow_checkpoints is not None:  # every process of the job writes its checkpoints slowly
+        slow_checkpoints.mkdir(exist_ok=True)
+        (slow_checkpoints / "sitecustomize.py").write_text(SLOW_CHECKPOINTS)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(slow_checkpoints), env.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "worker", "--data", str(store.dir),
                              "--nproc", str(nproc)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -44,15 +59,20 @@ def test_a_two_process_job_pauses_resumes_and_matches_one_process(tmp_path, lm_d
     store = new_store(tmp_path, lm_dir, "training: {save_every: 2, bf16: false}\n")
     file_id = add_file(store, 16)
     two = add_job(store, file_id, n_epochs=3, batch_size=4)  # 12 steps
-    w = worker(store, "node-a", nproc=2)
+    w = worker(store, "node-a", nproc=2, slow_checkpoints=tmp_path / "slow")
     try:
         wait_for(lambda: max(metric_steps(store, two) or [0]) >= 3, 240, "step 3 of the two-process job", every=0.02)
         job_pids = process_tree(store.job_row(two)["pid"])
         assert len(job_pids) >= 3, "torchrun and two ranks"
         store.request_control(two, "pause")
         paused = wait_for(lambda: (j := store.get_job(two))["status"] == "paused" and j, 120, "the pause")
-        assert max(metric_steps(store, two)) < 12, "paused before its end"
+        at = max(metric_steps(store, two))
+        assert at < 12, "paused before its end"
         assert not alive(job_pids), "torchrun and every rank stopped"
+        # the checkpoint of the step it stopped after is on disk: no rank exited (and so had torchrun stop rank 0)
+        # while rank 0 was still writing it
+        assert (store.dir / "jobs" / two / "checkpoints" / f"step-{at}" / "state.json").exists(), "the pause's checkpoint"
+        assert "ChildFailedError" not in (store.dir / "jobs" / f"{two}.log").read_text()
         store.set_job_control(two, resume=1)  # what POST .../resume does
         store.update_job(two, status="queued")
         assert ended(store, two, timeout=300)["status"] == "succeeded"
@@ -104,3 +124,15 @@ def test_a_killed_worker_leaves_no_rank_behind_and_its_job_is_finished_once(tmp_
     said = messages(store, job)
     assert sum("took it over" in m for m in said) == 1
     assert metric_steps(store, job) == list(range(1, 61)), "each step's metrics reported exactly once"
+
+
+def test_nproc_settings_that_cannot_work_are_refused_at_start(tmp_path, lm_dir):
+    """An FSDP job config for a worker with --nproc, and --nproc on a server without a worker."""
+    store = new_store(tmp_path, lm_dir, "distributed: {strategy: fsdp}\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "tunesmith.cli", "worker", "--data", str(store.dir), "--nproc", "2"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "distributed.strategy: a worker's --nproc runs jobs with ddp" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "tunesmith.cli", "serve", "--data", str(tmp_path / "d"), "--no-auth",
+                        "--no-worker", "--nproc", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "pass --nproc to `tunesmith worker` instead" in p.stderr

@@ -247,6 +247,9 @@ def _bases(items: list[str] | None) -> dict[str, str]:
 
 
 def cmd_serve(args) -> int:
+    if args.no_worker and args.nproc > 1:
+        raise SystemExit("--nproc sets how many processes this server's worker trains a job on; with --no-worker "
+                         "there is none: pass --nproc to `tunesmith worker` instead")
     from .service.app import api_keys_from
     keys = api_keys_from(args.api_key, no_auth=args.no_auth, host=args.host)  # refuses empty keys before anything starts
     import uvicorn
@@ -283,6 +286,9 @@ def cmd_worker(args) -> int:
     from .service.store import Store
     from .service.worker import work_forever
     store = Store(args.data, _database(args))
+    from .service.job import JOB_CONFIG, check_job_config
+    if args.nproc > 1 and (store.dir / JOB_CONFIG).exists():
+        check_job_config(store.dir / JOB_CONFIG, args.nproc)  # the server's job config, run on N processes
     if not (store.dir / "bases.json").exists():
         (store.dir / "bases.json").write_text(_json.dumps(_bases(args.model)))
     each = f", each on {args.nproc} processes (torchrun, DDP)" if args.nproc > 1 else ""

@@ -139,8 +139,10 @@ def sgm_stem(stem: str, layers_per_block: int) -> str | None:
         side = "down_blocks" if kind == "input_blocks" else "up_blocks"
         if kind == "input_blocks" and pos == layers_per_block:
             return f"lora_unet_down_blocks_{level}_downsamplers_0_conv" if (part, rest) == (0, "op") else None
-        if kind == "output_blocks" and part > 0 and rest == "conv":
-            return f"lora_unet_up_blocks_{level}_upsamplers_0_conv"
+        if kind == "output_blocks" and part > 0 and rest == "conv":  # an upsampler ends its level
+            return f"lora_unet_up_blocks_{level}_upsamplers_0_conv" if pos == layers_per_block else None
+        if part > 1 or rest in ("op", "conv"):  # ResNet (0) and attention (1) are the only other parts
+            return None
         where = f"{side}_{level}_{'resnets' if part == 0 else 'attentions'}_{pos}"
     if where is None:
         return None
@@ -187,6 +189,7 @@ def plan_import(tensors: dict[str, torch.Tensor], model: nn.Module, report: Impo
             sgm[stem] = name
     for stem, name in sgm.items():
         groups[name] = groups.pop(stem)
+    read_as = {name: f"an SGM UNet name, read as {name}: " for name in sgm.values()}
 
     for stem, keys in sorted(groups.items()):
         if not stem.startswith(tuple(PREFIXES)):
@@ -198,8 +201,8 @@ def plan_import(tensors: dict[str, torch.Tensor], model: nn.Module, report: Impo
         module_name = table.get(stem)
         if module_name is None:
             near = closest(stem, table, n=3)
-            refuse(keys.values(), "no module of this name in the base pipeline" + (f" (closest: {', '.join(near)})"
-                                                                                   if near else ""))
+            refuse(keys.values(), read_as.get(stem, "") + "no module of this name in the base pipeline"
+                   + (f" (closest: {', '.join(near)})" if near else ""))
             continue
         others = sorted(s for s in keys if s not in (*PAIR, "alpha"))
         if others:  # the module is another network type (or LoRA plus something): its factors alone would be wrong
@@ -214,7 +217,7 @@ def plan_import(tensors: dict[str, torch.Tensor], model: nn.Module, report: Impo
         A, B = tensors[keys[PAIR[0]]], tensors[keys[PAIR[1]]]
         fitted = _fit(module, A, B)
         if isinstance(fitted, str):
-            refuse([keys[s] for s in (*PAIR, "alpha") if s in keys], fitted)
+            refuse([keys[s] for s in (*PAIR, "alpha") if s in keys], f"{read_as.get(stem, '')}{module_name}: {fitted}")
             continue
         r = fitted[0].shape[0]
         alpha = float(tensors[keys["alpha"]].float().reshape(-1)[0]) if "alpha" in keys else float(r)
@@ -255,6 +258,14 @@ def apply_plan(model: nn.Module, plan: dict[str, dict], report: ImportReport, na
             report.modules[component] = report.modules.get(component, 0) + 1
 
 
+def _listing(unmapped: list[dict], first: int = 50) -> str:
+    lines = [f"  {u['key']}: {u['reason']}" for u in unmapped[:first]]
+    if len(unmapped) > first:
+        lines.append(f"  ... and {len(unmapped) - first} more keys not mapped (the same check without --strict "
+                     "lists every key in the printed report and import_report.json)")
+    return "\n".join(lines)
+
+
 def import_kohya(source: str | Path, base: str | Path, out: str | Path, *, strict: bool = False,
                  overwrite: bool = False) -> ImportReport:
     """Import Kohya LoRA file `source` for pipeline folder `base` into adapter folder `out` (tunesmith / PEFT
@@ -266,12 +277,13 @@ def import_kohya(source: str | Path, base: str | Path, out: str | Path, *, stric
     model = load_diffusion_model(base)
     report = ImportReport(str(source), str(base))
     plan = plan_import(tensors, model, report)
+    if not tensors:
+        raise TunesmithError(f"{source}: the file holds no tensors")
     if strict and report.unmapped:
         raise TunesmithError(f"--strict: {len(report.unmapped)} of {len(tensors)} keys cannot be mapped, nothing "
-                             "written:\n" + "\n".join(f"  {u['key']}: {u['reason']}" for u in report.unmapped[:20]))
+                             "written:\n" + _listing(report.unmapped))
     if not plan:
-        raise TunesmithError(f"{source}: none of its {len(tensors)} keys maps onto {base}:\n"
-                             + "\n".join(f"  {u['key']}: {u['reason']}" for u in report.unmapped[:20]))
+        raise TunesmithError(f"{source}: none of its {len(tensors)} keys maps onto {base}:\n" + _listing(report.unmapped))
     apply_plan(model, plan, report)
     saved = save_adapter(model, out, metadata={"task": "diffusion", "imported_from": Path(source).name})
     model.write_adapter_files(saved)

@@ -98,7 +98,7 @@ def create_app(data_dir: str | Path, api_keys: list[str] | None, bases: dict[str
     store = Store(data_dir, db)  # db: sqlite (None) or a PostgreSQL URL shared by a fleet of workers
     atomic_write_text(store.dir / "bases.json", json.dumps(bases))
     if job_config is not None:
-        atomic_write_text(store.dir / JOB_CONFIG, check_job_config(job_config))
+        atomic_write_text(store.dir / JOB_CONFIG, check_job_config(job_config, job_nproc if start_worker else 1))
     else:
         (store.dir / JOB_CONFIG).unlink(missing_ok=True)
     if allow_python_graders:  # the workers read it: a python grader runs only while the operator allows it

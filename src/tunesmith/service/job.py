@@ -40,6 +40,9 @@ JOB_CONFIG = "job_config.yaml"  # in the data folder: the server's --job-config,
 JOB_DEFAULTS = {"adapter": {"kind": "lora", "targets": "all-linear", "r": 8, "alpha": 16},
                 "data": {"max_length": 512, "eval_fraction": 0, "packing": False},  # steps count examples
                 "training": {"lr": 2e-4, "log_every": 1, "save_every": 5}}
+NPROC_STRATEGY = ("distributed.strategy: a worker's --nproc runs jobs with ddp (an FSDP job cannot save its chat-able "
+                  "checkpoints from one rank); remove distributed from the server's --job-config, or run the worker "
+                  "without --nproc")
 JOB_CONTROLLED = {"model": ("name",), "data": ("train", "eval"), "training": ("epochs", "max_steps", "batch_size", "seed"),
                   "output": ("dir",)}
 
@@ -57,8 +60,9 @@ def job_defaults(extra: dict | None) -> dict:
     return merged
 
 
-def check_job_config(path: str | Path) -> str:
-    """Validate a --job-config YAML up front (unknown keys, bad values, fields the job controls); returns its text."""
+def check_job_config(path: str | Path, nproc: int = 1) -> str:
+    """Validate a --job-config YAML up front (unknown keys, bad values, fields the job controls, a strategy
+    the worker's --nproc cannot run); returns its text."""
     import yaml
     from ..config import ConfigError, config_from_dict, set_values
     text = Path(path).read_text(encoding="utf-8")
@@ -75,6 +79,8 @@ def check_job_config(path: str | Path) -> str:
         if cfg.adapter is None:
             raise ConfigError("adapter: the service serves fine-tuned models as adapters on a shared base model; "
                               "full fine-tuning is `tunesmith train`'s job")
+        if nproc > 1 and cfg.distributed.strategy != "ddp":
+            raise ConfigError(NPROC_STRATEGY)
     except (ConfigError, yaml.YAMLError) as e:
         raise ConfigError(f"--job-config {path}: {e}") from None
     return text
@@ -205,6 +211,7 @@ class Reporter:
         self.worker = int(os.environ.get("TUNESMITH_WORKER_PID") or os.getppid())
         self.direct = self.worker == os.getppid()
         self.last_metrics: dict | None = None
+        self.stopping = False  # a cancel or pause stops the job (not a signal)
 
     def worker_alive(self) -> bool:
         if os.getppid() == self.worker:
@@ -223,6 +230,7 @@ class Reporter:
         if decision == "lost":
             os._exit(75)  # write nothing more: the job belongs to another worker now
         if decision == "stop":
+            self.stopping = True  # every rank, after the same step
             raise KeyboardInterrupt  # train() saves a checkpoint and re-raises; the worker records which
 
     def report(self, event) -> str:
@@ -316,15 +324,24 @@ def run(job_id: str, data_dir: str, owner: str | None = None) -> int:
 
 
 def _run(store: Store, job: dict, owner: str | None) -> int:
+    import torch.distributed as dist
+
     from ..train.distributed import on_main_process
     reporter = Reporter(store, job, owner)
     config_path = store.dir / "jobs" / job["id"] / JOB_RUN_CONFIG
     code = on_main_process(begin, store, job, config_path)
     if code is not None:
         return code
-    result = train_job(store, job, config_path, reporter)
-    code = on_main_process(lambda: 75 if not reporter.still_ours() else succeed(store, job, result, reporter))
-    return code
+    try:
+        result = train_job(store, job, config_path, reporter)
+    except KeyboardInterrupt:
+        if not (reporter.stopping and dist.is_initialized()):
+            raise
+        # a cancel or pause, on every rank after the same step: rank 0 gets here once its checkpoint is on disk,
+        # and no rank may exit before (torchrun stops the other ranks as soon as one exits)
+        dist.barrier()
+        return 0  # a normal end under torchrun (130 would read as a failed rank); the worker records which
+    return on_main_process(lambda: 75 if not reporter.still_ours() else succeed(store, job, result, reporter))
 
 
 def begin(store: Store, job: dict, config_path: Path) -> int | None:
@@ -349,10 +366,7 @@ def begin(store: Store, job: dict, config_path: Path) -> int | None:
     if world > 1:
         from ..config import load_config
         if load_config(config_path).distributed.strategy != "ddp":
-            return fail(store, job_id, {"code": "unsupported_distributed", "param": None, "message":
-                                        "a worker's --nproc runs jobs with distributed.strategy: ddp (FSDP jobs "
-                                        "cannot save chat-able checkpoints from one rank); remove distributed from "
-                                        "the server's --job-config, or run the worker without --nproc"})
+            return fail(store, job_id, {"code": "unsupported_distributed", "param": None, "message": NPROC_STRATEGY})
     kind = job["method"]["type"]
     store.update_job(job_id, status="running", hyperparameters={k: hp[k] for k in AUTO},
                      method={**job["method"], kind: {**job["method"][kind], "hyperparameters": hp}})
