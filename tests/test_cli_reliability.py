@@ -45,6 +45,18 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, encoder_dir):
     with pytest.raises(ConfigError, match="not a tunesmith run folder .* --overwrite will not delete it"):
         train(cls_config(encoder_dir, data, other), overwrite=True, **QUIET)
     assert (other / "thesis.tex").read_text() == "years of work"
+    (other / "config.yaml").write_text("model: {name: mine}\n")  # a user's project with its own config.yaml
+    with pytest.raises(ConfigError, match="not a tunesmith run folder .* --overwrite will not delete it"):
+        train(cls_config(encoder_dir, data, other), overwrite=True, **QUIET)
+    assert (other / "thesis.tex").read_text() == "years of work"
+    cwd = os.getcwd()
+    try:  # a real run, but the folder the user is working in: never deleted
+        os.chdir(run)
+        with pytest.raises(ConfigError, match="is the current folder or holds it"):
+            train(cls_config(encoder_dir, data, "."), overwrite=True, **QUIET)
+    finally:
+        os.chdir(cwd)
+    assert (run / "summary.json").exists()
 
 
 def test_a_failed_setup_leaves_nothing_that_blocks_a_retry(tmp_path, encoder_dir):
@@ -346,3 +358,24 @@ def test_epoch_end_steps_are_exact_with_gradient_accumulation(tmp_path, encoder_
     train(cls_config(encoder_dir, data, tmp_path / "run", "data.eval_fraction=0", "training.batch_size=2",
                      "training.grad_accum=2", "training.epochs=3", "training.max_steps=null"), on_step=lambda e: seen.append(e.epoch_end), **QUIET)
     assert [step for step, end in enumerate(seen, start=1) if end] == [2, 3, 5]
+
+
+def test_all_examples_truncated_away_says_why_and_the_fix(tmp_path, lm_dir):
+    from tunesmith.data.formats import DataError
+    rows = [{"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}] * 4
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    cfg = load_config(None, [f"model.name={lm_dir}", f"data.train={data}", "data.eval_fraction=0", "data.max_length=32",
+                             "data.packing=false", "training.max_steps=1", f"output.dir={tmp_path / 'run'}",
+                             "output.progress=false"])
+    with pytest.raises(DataError, match=r"no usable training examples remain \(4 had no trainable token left after "
+                                        r"truncation: raise data.max_length, now 32\)"):
+        train(cfg, **QUIET)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_an_empty_training_file_says_so_whatever_the_objective(tmp_path, lm_dir, content, capsys):
+    (tmp_path / "pairs.jsonl").write_text(content)
+    assert main(["train", f"model.name={lm_dir}", f"data.train={tmp_path / 'pairs.jsonl'}", "objective.type=dpo",
+                 f"output.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "pairs.jsonl:0: file: is empty" in err and "does not train on" not in err

@@ -184,6 +184,33 @@ def test_cli_export_and_its_errors(lora_run, tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert main(["export", str(lora_run)]) == 2
     assert "--gguf OUT.gguf" in capsys.readouterr().err
+    assert main(["export", str(lora_run), "--gguf", str(tmp_path), "--overwrite"]) == 2  # a folder
+    assert "is a folder; give a file path" in capsys.readouterr().err
+    config = (lora_run / "config.yaml").read_bytes()  # --overwrite never writes over a file that is not a GGUF
+    assert main(["export", str(lora_run), "--gguf", str(lora_run / "config.yaml"), "--overwrite"]) == 2
+    assert "is not a GGUF file" in capsys.readouterr().err and (lora_run / "config.yaml").read_bytes() == config
+    assert main(["export", str(lora_run), "--gguf", str(out), "--lora-gguf", str(out), "--overwrite"]) == 2
+    assert "name the same file" in capsys.readouterr().err
+
+
+def test_exports_to_one_path_never_share_a_temporary_file_and_kept_f16_matrices_are_said(tmp_path):
+    """Two exports to one path at once each write their own temporary file (the last rename wins, whole);
+    a q8_0 export of matrices whose rows do not split into blocks of 32 says which stay F16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tunesmith.export import export_gguf
+    from tunesmith.export.gguf_model import temp_beside
+    from tunesmith.models import load_tokenizer
+    a, b = temp_beside(tmp_path / "out.gguf"), temp_beside(tmp_path / "out.gguf")
+    assert a != b and a.parent == b.parent == tmp_path and a.name.startswith(".out.gguf.")
+    tok = load_tokenizer("smollm2-135m-instruct")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "odd")
+    tok.save_pretrained(tmp_path / "odd")
+    said = []
+    export_gguf(str(tmp_path / "odd"), tmp_path / "odd.gguf", "q8_0", log=said.append)
+    assert any("matrices stay F16 in this q8_0 file" in line for line in said), said
 
 
 def test_non_llama_models_and_dora_are_refused_with_the_way_out(gpt2, tmp_path):

@@ -23,11 +23,25 @@ def cmd_export(args) -> int:
     from .export import export_gguf, export_lora_gguf
     if not args.gguf and not args.lora_gguf:
         raise TunesmithError("give --gguf OUT.gguf (the merged model) and/or --lora-gguf OUT.gguf (the adapter)")
+    if args.gguf and args.lora_gguf and Path(args.gguf).resolve() == Path(args.lora_gguf).resolve():
+        raise TunesmithError("--gguf and --lora-gguf name the same file; give each its own")
     for out in (args.gguf, args.lora_gguf):
-        if out and Path(out).exists() and not args.overwrite:
+        if not out:
+            continue
+        if Path(out).is_dir():
+            raise TunesmithError(f"{out} is a folder; give a file path, e.g. {Path(out) / 'model.gguf'}")
+        if Path(out).exists() and not args.overwrite:
             raise TunesmithError(f"{out} exists; pass --overwrite to replace it")
+        if Path(out).exists() and not _is_gguf(Path(out)):  # a run's config.yaml, metrics, a user's file
+            raise TunesmithError(f"{out} exists and is not a GGUF file; --overwrite replaces only GGUF files. "
+                                 "Choose another path")
     if args.gguf:
         export_gguf(args.run, args.gguf, args.type)
     if args.lora_gguf:
         export_lora_gguf(args.run, args.lora_gguf, "f32" if args.type == "f32" else "f16")
     return 0
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"

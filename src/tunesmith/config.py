@@ -248,8 +248,8 @@ class ObjectiveConfig:
             _require(self.type in names,
                      f"objective.type: must be auto or one of {', '.join(names)}; got {self.type!r}")
         _require(0 <= self.label_smoothing < 1, "objective.label_smoothing: must be in [0, 1)")
-        _require(0 <= self.beta < math.inf, "objective.beta: must be >= 0 (typical: 0.1 for dpo, 0.04 for grpo)")
-        _require(0 <= self.simpo_gamma < math.inf, "objective.simpo_gamma: must be >= 0")
+        _require(0 <= self.beta < math.inf, "objective.beta: must be a finite number >= 0 (typical: 0.1 for dpo, 0.04 for grpo)")
+        _require(0 <= self.simpo_gamma < math.inf, "objective.simpo_gamma: must be a finite number >= 0")
         _require(self.snr_gamma is None or 0 < self.snr_gamma < math.inf,
                  "objective.snr_gamma: must be positive (typical: 5.0), or null for unweighted")
         _require(self.num_generations >= 2, "objective.num_generations: must be at least 2 (advantages compare "

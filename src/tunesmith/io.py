@@ -80,8 +80,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 RUN_MARKERS = ("config.yaml", "run.json")  # what makes a folder a tunesmith run
 
 
-def is_run_folder(path: str | os.PathLike) -> bool:
-    return any((Path(path) / m).exists() for m in RUN_MARKERS)
+def is_run_folder(path: str | os.PathLike, strict: bool = False) -> bool:
+    """Whether `path` looks like a tunesmith run: any marker (to refuse writing other things over it), or with
+    `strict` all of them (before deleting it: a user's own folder may well hold a config.yaml)."""
+    found = [(Path(path) / m).is_file() for m in RUN_MARKERS]
+    return all(found) if strict else any(found)
 
 
 def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, allow_run: bool = False) -> None:

@@ -110,7 +110,12 @@ def prepare_data(data_cfg, tok, objective, seed: int = 0) -> PreparedData:
             notes.append(f"{name}: skipped {len(enc.fully_masked)} examples with no trainable token left after "
                          f"truncation (e.g. {', '.join(enc.fully_masked[:3])}); raise data.max_length to keep them")
     if not enc_train.examples:
-        raise DataError([Problem(data_cfg.train, 0, "examples", "no usable training examples remain")])
+        why = [f"{n} {what}" for n, what in ((len(enc_train.fully_masked), "had no trainable token left after "
+                                              "truncation"), (enc_train.dropped, "were longer than max_length"))
+               if n]
+        raise DataError([Problem(data_cfg.train, 0, "examples", "no usable training examples remain"
+                                 + (f" ({'; '.join(why)}: raise data.max_length, now {data_cfg.max_length})"
+                                    if why else ""))])
     train = [objective.prepare_example(ex) for ex in enc_train.examples]
     evals = [objective.prepare_example(ex) for ex in enc_eval.examples]
     if data_cfg.packing:

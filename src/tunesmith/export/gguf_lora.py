@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TunesmithError
-from .gguf_model import finish_file, llama_config, permute_rows
+from .gguf_model import finish_file, llama_config, permute_rows, temp_beside
 
 PEFT_PREFIX = "base_model.model."
 
@@ -92,8 +92,7 @@ def write_lora_gguf(adapter_dir: Path, base_config, out: Path, kind: str = "f16"
     alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
     tensors = lora_gguf_tensors(lora_pairs(weights, cfg), hp, alpha)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temp_beside(out)
     writer = gguf.GGUFWriter(tmp, "llama")
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

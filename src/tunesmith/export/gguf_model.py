@@ -95,8 +95,7 @@ def write_llama_gguf(model, tok, out: Path, kind: str = "f16", name: str = "", s
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "f32": gguf.LlamaFileType.ALL_F32}[kind]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temp_beside(out)
     writer = gguf.GGUFWriter(tmp, "llama")
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or out.stem)
@@ -117,12 +116,29 @@ def write_llama_gguf(model, tok, out: Path, kind: str = "f16", name: str = "", s
     if kind == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     origin = write_tokenizer(writer, tok, hp["vocab"], source_gguf)
+    kept = []
     for tensor_name, value in tensors.items():
         data, raw = encode_tensor(value.numpy(), kind)
         writer.add_tensor(tensor_name, data, raw_dtype=raw)
+        if kind == "q8_0" and value.dim() > 1 and raw != gguf.GGMLQuantizationType.Q8_0:
+            kept.append(tensor_name)
     finish_file(writer, tmp, out)
     log(f"wrote {out} ({kind}, {len(tensors)} tensors, {out.stat().st_size / 2**20:.1f} MiB; {origin})")
+    if kept:
+        matrices = sum(1 for v in tensors.values() if v.dim() > 1)
+        log(f"note: {len(kept)} of {matrices} matrices stay F16 in this q8_0 file: their rows ({kept[0]}, ...) do not "
+            "split into Q8_0's blocks of 32 (llama.cpp does the same)")
     return out
+
+
+def temp_beside(out: Path) -> Path:
+    """A fresh temporary file in `out`'s folder (created with it): two exports to one path never share one."""
+    import os
+    import tempfile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    return Path(name)
 
 
 def finish_file(writer, tmp: Path, out: Path) -> None:

@@ -225,9 +225,12 @@ def prepare_run_folder(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: b
                                                      else "files" if not is_run_folder(run_dir) else "a run")
             raise ConfigError(f"{run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace "
                               "it, or choose another output.dir")
-        if not is_run_folder(run_dir):
-            raise ConfigError(f"{run_dir} is not a tunesmith run folder (no config.yaml), so --overwrite will not "
-                              "delete it; choose another output.dir")
+        if not is_run_folder(run_dir, strict=True):
+            raise ConfigError(f"{run_dir} is not a tunesmith run folder (a run has both config.yaml and run.json), "
+                              "so --overwrite will not delete it; choose another output.dir")
+        if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+            raise ConfigError(f"output.dir {run_dir} is the current folder or holds it; --overwrite will not delete "
+                              "it: choose another output.dir")
         shutil.rmtree(run_dir)
         log(f"--overwrite: removed the previous run in {run_dir}")
     elif run_dir.exists() and not run_dir.is_dir():

@@ -45,7 +45,10 @@ def peek_format(cfg: RunConfig) -> str:
         return cfg.data.format
     if cfg.objective.type != "auto" and objective_class(cfg.objective.type).data_format:  # e.g. grpo: prompts
         return objective_class(cfg.objective.type).data_format
-    records, _ = load_records(cfg.data.train)
+    from ..data.formats import DataError
+    records, problems = load_records(cfg.data.train)
+    if not records and problems:  # an empty file says so, not that its (undetectable) format does not fit
+        raise DataError(problems)
     for r in records:
         fmt = detect_format(r.data)
         if fmt:
