@@ -54,8 +54,7 @@ def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
         lp = linear_token_logps(hidden[:, :-1][mask], head.weight, head.bias, targets[mask])
         rows = mask.nonzero()[:, 0]
         return torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp), mask.sum(-1)
-    has = mask
-    first = 1 + int(has.float().argmax(-1)[has.any(-1)].min()) if has.any() else labels.shape[1] - 1
+    first = 1 + int(mask.float().argmax(-1)[mask.any(-1)].min()) if mask.any() else labels.shape[1] - 1
     logits = lm_logits(model, batch["input_ids"], batch.get("attention_mask"), labels.shape[1] - first + 1)
     kept = labels[:, first:]  # predicted by logits at first - 1 ... T - 2
     keep_mask = kept != IGNORE

@@ -183,16 +183,6 @@ def missing_file(store: Store, job: dict) -> dict | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a live process of another user
-        return True
-    return True
-
-
 def stop_wanted(row: dict) -> bool:
     """A cancel or pause was asked for, or the job was ended (cancelled) while nothing ran it."""
     return row["want"] in ("cancel", "pause") or row["status"] in TERMINAL
@@ -216,6 +206,7 @@ class Reporter:
     def worker_alive(self) -> bool:
         if os.getppid() == self.worker:
             return True
+        from .worker import _alive
         return not self.direct and _alive(self.worker)  # a direct child is re-parented when its worker dies
 
     def still_ours(self, row: dict | None = None) -> bool:
