@@ -51,6 +51,21 @@ def shot(page, name: str) -> None:
         page.screenshot(path=str(Path(folder) / name), full_page=True)
 
 
+# Records every trusted pointer event and click on the jobs table (its row, target and checkbox state, in the
+# capture phase and after the page's handlers ran) and every row the table gains or loses.
+WATCH_INPUT = """() => {
+    const log = window.__log = [], t0 = performance.now();
+    const row = (n) => { const r = n && n.closest && n.closest('tr'); return r ? (r.dataset.job || 'head') : '-'; };
+    const note = (phase) => (e) => log.push([Math.round(performance.now() - t0), phase, e.type, e.target.tagName,
+        row(e.target), e.target.checked, e.isTrusted, e.defaultPrevented, [...state.compare].join(',')]);
+    for (const type of ['pointerdown', 'mousedown', 'mouseup', 'click', 'change'])
+        { window.addEventListener(type, note('capture'), true); window.addEventListener(type, note('bubble')); }
+    new MutationObserver((ms) => ms.forEach(m => log.push([Math.round(performance.now() - t0), 'rows',
+        [...m.addedNodes].map(row).join(','), [...m.removedNodes].map(row).join(',')])))
+        .observe(document.querySelector('#jobs tbody'), {childList: true});
+}"""
+
+
 def wait_for(predicate, timeout: float = 240, what: str = "", page=None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -63,7 +78,8 @@ def wait_for(predicate, timeout: float = 240, what: str = "", page=None) -> None
             legend: document.getElementById('legend').textContent, title: document.title,
             compare: [...state.compare], selected: state.selected, curves: Object.keys(curves),
             checked: [...document.querySelectorAll('#jobs tr')].map(r => [r.dataset.job,
-                      (r.querySelector('input[type=checkbox]') || {}).checked])})""") + f" errors={page.errors}"
+                      (r.querySelector('input[type=checkbox]') || {}).checked]), log: window.__log || []})""") \
+            + f" errors={page.errors}"
     raise AssertionError(f"timed out waiting for {what} {seen}")
 
 
@@ -77,8 +93,10 @@ def start_job(page, epochs: str, lr: str, suffix: str) -> str:
     page.fill("#job-batch", "4")
     page.fill("#job-lr", lr)
     page.fill("#job-suffix", suffix)
+    before = page.inner_text("#job-msg")  # the last job's "created ..." until the page clears it
     page.click("#start")
-    wait_for(lambda: page.inner_text("#job-msg").startswith("created ftjob-"), 120, "the job to be created")
+    wait_for(lambda: page.inner_text("#job-msg").startswith("created ftjob-")
+             and page.inner_text("#job-msg") != before, 120, "the job to be created")
     return page.inner_text("#job-msg").removeprefix("created ")
 
 
@@ -94,6 +112,7 @@ def test_console_upload_train_watch_compare_and_chat(page):
 
     first = start_job(page, "2", "2", "console-a")
     second = start_job(page, "1", "1", "console-b")
+    assert first != second, "the second job's message replaced the first's"
     wait_for(lambda: status_of(page, first) == "succeeded" and status_of(page, second) == "succeeded", 300,
              "both jobs to succeed")
     page.click(f'#jobs tr[data-job="{first}"] td:first-child')  # watch the first job
@@ -104,6 +123,7 @@ def test_console_upload_train_watch_compare_and_chat(page):
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
         for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }""")
     assert painted > 200, "the loss curve is drawn"
+    page.evaluate(WATCH_INPUT)  # what each click and re-render did, shown if the legend never gets both runs
     for job in (first, second):  # compare the two runs
         page.check(f'#jobs tr[data-job="{job}"] input[type=checkbox]')
     wait_for(lambda: page.locator("#legend span").count() == 2, 60, "two curves in the legend", page)

@@ -295,8 +295,10 @@ class TrainingConfig:
     """bfloat16 autocast (weights stay float32). null (default): on where the hardware does bf16 natively (a
     CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX), after a check that the first batch's loss agrees with
     fp32; off elsewhere. The choice is printed and saved in the run's config.yaml."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, more time."""
+    gradient_checkpointing: Optional[bool] = None
+    """Recompute activations in the backward pass: less memory, more time. null (default): on for language-model
+    objectives (sft, causal_lm, dpo, grpo; TRL's default too), off for the rest. On the SFT benchmark it costs
+    26% of the speed and saves 54% of the peak memory (docs/training.md). The choice is saved in config.yaml."""
     device: str = "auto"
     """`auto` (a CUDA GPU if there is one, then MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""
     eval_every: int = 0

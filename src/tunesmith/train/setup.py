@@ -119,6 +119,8 @@ def build(cfg: RunConfig, tokenizer=None) -> Built:
     if cfg.model.quantize:  # QLoRA: the frozen base in 4/8 bits before the adapter wraps it (models/quantize.py)
         quantize_base(model, cfg.model.quantize, keep=cfg.adapter.modules_to_save)
     attach_trainables(model, cfg)
+    if cfg.training.gradient_checkpointing is None:  # the default: where activations dominate memory (long LM rows)
+        cfg.training.gradient_checkpointing = task == "causal_lm"
     if cfg.training.gradient_checkpointing:
         hf = getattr(model, "backbone", model)
         kwargs = {"use_reentrant": False}
