@@ -6,7 +6,8 @@ its own process and reports real (non-padding) tokens/s over the training steps,
 held-out loss on 64 test conversations measured by one evaluator for every mode (mean next-token loss on the
 assistant turns, fp32). The machine's matmul peak (fp32 and bf16 GEMM, 2048^3) is measured in this process.
 
-    python bench/sft_throughput.py [--modes tunesmith,tunesmith_fp32,trl,trl_packing] [--conversations 256]
+    python bench/sft_throughput.py [--modes tunesmith,tunesmith_fp32,tunesmith_nogc,trl,trl_packing]
+                                   [--conversations 256]
                                    [--device cpu|cuda]
 
 On a GPU (bench/gpu.sh) every mode also reports its peak GPU memory (torch.cuda.max_memory_allocated), and
@@ -105,7 +106,7 @@ def flops_per_token(model, label_share: float) -> float:
     return 4 * linear + 4 * head.weight.numel() * label_share
 
 
-def run_tunesmith(train: Path, test: Path, out: Path, precision: str, checkpointing: bool = False) -> dict:
+def run_tunesmith(train: Path, test: Path, out: Path, precision: str, checkpointing: bool | None = None) -> dict:
     from tunesmith.config import load_config
     from tunesmith.train import train as fit
     from tunesmith.train.artifacts import load_run
@@ -116,14 +117,15 @@ def run_tunesmith(train: Path, test: Path, out: Path, precision: str, checkpoint
                  f"training.device={DEVICE}"]
     if precision != "default":
         overrides.append(f"training.bf16={precision == 'bf16'}")
-    if checkpointing:
-        overrides.append("training.gradient_checkpointing=true")
+    if checkpointing is not None:  # None: tunesmith's default (on for chat SFT)
+        overrides.append(f"training.gradient_checkpointing={str(checkpointing).lower()}")
     cfg = load_config(None, overrides)
     summary = fit(cfg, log=lambda *_: None)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     run = load_run(out)
     return {"tokens": summary["trained_tokens"], "train_s": summary["train_seconds"],
             "bf16": bool(load_config(out / "config.yaml").training.bf16),
+            "checkpointing": bool(load_config(out / "config.yaml").training.gradient_checkpointing),
             "packing": bool(load_config(out / "config.yaml").data.packing),
             "flops_per_token": flops_per_token(run.model, label_share(run.tokenizer, train)),
             "held_out_loss": held_out_loss(run.model, run.tokenizer, test), "records": len(records)}
@@ -157,6 +159,7 @@ def run_trl(train: Path, test: Path, out: Path, packing: bool) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     return {"tokens": seen["tokens"], "train_s": seconds, "bf16": bool(args.bf16), "packing": packing,
+            "checkpointing": bool(args.gradient_checkpointing),  # TRL's SFTConfig default: on
             "flops_per_token": flops_per_token(model.base_model.model, label_share(tok, train)),
             "held_out_loss": held_out_loss(model, tok, test)}
 
@@ -165,8 +168,9 @@ def child(mode: str, train: Path, test: Path, out: Path) -> None:
     import torch
     torch.manual_seed(0)
     if mode.startswith("tunesmith"):
-        result = run_tunesmith(train, test, out, {"tunesmith": "default", "tunesmith_fp32": "fp32", "tunesmith_gc": "default",
-                                                  "tunesmith_bf16": "bf16"}[mode], checkpointing=mode == "tunesmith_gc")
+        result = run_tunesmith(train, test, out, {"tunesmith": "default", "tunesmith_fp32": "fp32", "tunesmith_nogc": "default",
+                                                  "tunesmith_bf16": "bf16"}[mode],
+                               checkpointing=False if mode == "tunesmith_nogc" else None)
     else:
         result = run_trl(train, test, out, packing=mode == "trl_packing")
     result.update(mode=mode, peak_rss_gb=peak_rss_gb(), tokens_per_s=result["tokens"] / result["train_s"])
@@ -177,7 +181,7 @@ def child(mode: str, train: Path, test: Path, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--modes", default="tunesmith,tunesmith_fp32,trl,trl_packing")
+    p.add_argument("--modes", default="tunesmith,tunesmith_fp32,tunesmith_nogc,trl,trl_packing")
     p.add_argument("--conversations", type=int, default=256)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (bench/gpu.sh)")
     p.add_argument("--child", nargs=4, metavar=("MODE", "TRAIN", "TEST", "OUT"), help=argparse.SUPPRESS)
@@ -207,7 +211,8 @@ def main() -> None:
             r["matmul_share"] = r["tokens_per_s"] * r["flops_per_token"] / 1e9 / peak
             print(f"{mode:>15}: {r['tokens_per_s']:7.1f} real tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB, "
                   f"held-out loss {r['held_out_loss']:.4f}, {'bf16' if r['bf16'] else 'fp32'}"
-                  f"{', packed' if r['packing'] else ''}, {100 * r['matmul_share']:.0f}% of the matmul peak"
+                  f"{', packed' if r['packing'] else ''}{', checkpointing' if r.get('checkpointing') else ''}, "
+                  f"{100 * r['matmul_share']:.0f}% of the matmul peak"
                   + (f", peak GPU memory {r['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in r else ""), flush=True)
     trl = [results[m] for m in ("trl", "trl_packing") if m in results]
     if trl and "tunesmith" in results:
@@ -229,10 +234,10 @@ def main() -> None:
         if "tunesmith_fp32" in results:
             fp32 = results["tunesmith_fp32"]
             print(f"held-out loss, defaults - fp32: {ours['held_out_loss'] - fp32['held_out_loss']:+.4f}")
-        if "tunesmith_gc" in results:
-            gc = results["tunesmith_gc"]
-            print(f"tunesmith with gradient checkpointing: {gc['tokens_per_s'] / best['tokens_per_s']:.2f}x tokens/s, "
-                  f"peak RSS {gc['peak_rss_gb'] / min(r['peak_rss_gb'] for r in trl):.2f}x of TRL's lowest")
+        if "tunesmith_nogc" in results:
+            fast = results["tunesmith_nogc"]
+            print(f"tunesmith without gradient checkpointing: {fast['tokens_per_s'] / best['tokens_per_s']:.2f}x "
+                  f"tokens/s, peak RSS {fast['peak_rss_gb'] / min(r['peak_rss_gb'] for r in trl):.2f}x of TRL's lowest")
     Path(ROOT / "bench" / "results").mkdir(exist_ok=True)
     name = "sft_throughput.json" if DEVICE == "cpu" else f"sft_throughput_{DEVICE.split(':')[0]}.json"
     (ROOT / "bench" / "results" / name).write_text(json.dumps({"peaks": peaks, **results}, indent=1))

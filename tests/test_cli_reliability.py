@@ -232,9 +232,38 @@ def test_resume_refuses_data_that_remaps_the_classes(tmp_path, encoder_dir):
     cfg = cls_config(encoder_dir, str(data), run, "training.max_steps=4", "training.save_every=2")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, on_step=stop, **QUIET)
-    data.write_text(data.read_text().replace('"sport"', '"athletics"'))  # edited in place: classes re-ordered
+    original = data.read_text()
+    data.write_text(original.replace('"sport"', '"athletics"'))  # edited in place: classes re-ordered
+    with pytest.raises(ConfigError, match="data.train changed since the run started"):
+        train(cfg, resume=True, **QUIET)
+    info = json.loads((run / "run.json").read_text())  # a run from before run.json kept the data's hash
+    (run / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "data_sources"}))
     with pytest.raises(ConfigError, match="the data now gives labels .* but the run trained with"):
         train(cfg, resume=True, **QUIET)
+
+
+def test_resume_refuses_a_training_file_edited_in_place(tmp_path, encoder_dir):
+    """Same classes, other examples: only the recorded hash can tell. The same bytes written again resume."""
+    data = tmp_path / "my data #1.jsonl"
+    write_jsonl(data, class_rows(40))
+    run = tmp_path / "run"
+
+    def stop(event):
+        if event.step == 2:
+            raise KeyboardInterrupt
+
+    cfg = cls_config(encoder_dir, str(data), run, "training.max_steps=4", "training.save_every=2")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop, **QUIET)
+    sources = json.loads((run / "run.json").read_text())["data_sources"]
+    assert sources["train"]["bytes"] == data.stat().st_size and len(sources["train"]["sha256"]) == 64
+    original = data.read_text()
+    lines = original.splitlines(keepends=True)
+    data.write_text("".join(lines[1:] + lines[:1]))  # the same examples in another order: other batches
+    with pytest.raises(ConfigError, match=r"data.train changed since the run started .* Restore the file"):
+        train(cfg, resume=True, **QUIET)
+    data.write_text(original)  # restored (a new mtime, the same content)
+    assert train(cfg, resume=True, **QUIET)["steps"] == 4
 
 
 def test_divergence_stops_with_a_message_and_keeps_the_weights(tmp_path, encoder_dir):

@@ -71,8 +71,10 @@ def test_a_new_run_saves_its_auto_choices_and_a_resume_keeps_them(tmp_path, lm_d
     with pytest.raises(KeyboardInterrupt):
         train(load_config(None, args), on_step=stop, log=lines.append)
     saved = load_config(run / "config.yaml")
-    assert saved.training.bf16 is True and saved.data.packing is True
+    assert saved.training.bf16 is True and saved.data.packing is True and saved.training.gradient_checkpointing is True
     assert any(line.startswith("precision: bf16 autocast (auto") for line in lines), lines
+    assert any(line.startswith("gradient checkpointing: on (auto") for line in lines), lines
+    assert any("linear weights kept in bf16" in line for line in lines), lines
     assert any("packed 24 training examples" in line for line in lines), lines
     lines.clear()
     train(load_config(None, args), resume=True, log=lines.append)  # the original overrides: bf16 and packing null
@@ -108,3 +110,43 @@ def test_a_run_saved_before_new_config_fields_existed_still_resumes(tmp_path, en
         saved[section].pop(key)
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert train(load_config(None, args), resume=True, **QUIET)["steps"] == 4
+
+
+def test_a_frozen_base_kept_in_bf16_computes_bit_identically_under_autocast(lm_dir):
+    """Autocast's own cast of each frozen weight, done once: the same loss and adapter gradients to the bit,
+    the tied output layer (= the input embedding) left in float32, and other adapters' factors untouched."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.adapters import add_adapter
+    from tunesmith.adapters.config import LoraConfig
+    from tunesmith.train.precision import store_frozen_linears_bf16
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(lm_dir)
+    add_adapter(base, LoraConfig(r=4, targets=["q_proj", "v_proj"]), name="other")  # one this run does not train
+    add_adapter(base, LoraConfig(r=4, targets="all-linear"))
+    assert not any(p.requires_grad for n, p in base.named_parameters() if ".other" in n)
+    for n, p in base.named_parameters():
+        if "lora_B" in n and ".default" in n:
+            nn.init.normal_(p, std=0.02)  # B = 0 would hide a difference in A's gradient
+    kept = copy.deepcopy(base)
+    n = store_frozen_linears_bf16(base)
+    linears = [m for name, m in base.named_modules() if type(m) is nn.Linear and "lora_" not in name
+               and m is not base.get_output_embeddings()]
+    assert n == sum(m.weight.numel() for m in linears) > 0
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert base.get_output_embeddings().weight.dtype == torch.float32  # tied: the embedding stays float32
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    assert all(p.dtype == torch.float32 for name, p in base.named_parameters() if "lora_" in name)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (kept, base):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) > 0
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])

@@ -250,6 +250,9 @@ class ObjectiveConfig:
         _require(0 <= self.label_smoothing < 1, "objective.label_smoothing: must be in [0, 1)")
         _require(0 <= self.beta < math.inf, "objective.beta: must be a finite number >= 0 (typical: 0.1 for dpo, 0.04 for grpo)")
         _require(0 <= self.simpo_gamma < math.inf, "objective.simpo_gamma: must be a finite number >= 0")
+        _require(self.loss_type != "simpo" or self.reference == "auto",
+                 f"objective.reference={self.reference}: loss_type simpo uses no reference model, so it would be "
+                 "ignored; leave objective.reference at auto (or choose another loss_type)")
         _require(self.snr_gamma is None or 0 < self.snr_gamma < math.inf,
                  "objective.snr_gamma: must be positive (typical: 5.0), or null for unweighted")
         _require(self.num_generations >= 2, "objective.num_generations: must be at least 2 (advantages compare "

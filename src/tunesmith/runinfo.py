@@ -23,6 +23,7 @@ class RunInfo:
     objective_params: dict = field(default_factory=dict)  # what rebuilds the objective (e.g. target mean/std)
     model: dict = field(default_factory=dict)  # name, dtype, pooling, head_dropout: how to load the base again
     artifact: str | None = None  # adapter | head | model, once the run has finished
+    data_sources: dict = field(default_factory=dict)  # train/eval file -> {bytes, sha256}: what --resume checks
     version: int = 1
 
     def write(self, run_dir: Path) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from ..adapters import add_adapter
 from ..config import RunConfig
 from ..data import PreparedData, prepare_data
+from ..data.fingerprint import data_sources
 from ..diffusion import is_diffusion_model
 from ..errors import ConfigError
 from ..freeze import (
@@ -113,7 +114,8 @@ def build(cfg: RunConfig, tokenizer=None) -> Built:
     if cfg.model.task not in ("auto", task):
         raise ConfigError(f"model.task={cfg.model.task} does not fit objective {objective.name}, which trains a "
                           f"{task} model; set model.task=auto")
-    info = RunInfo(task, objective.name, data.fmt, data.modality, data.labels, objective.params(), model_spec(cfg))
+    info = RunInfo(task, objective.name, data.fmt, data.modality, data.labels, objective.params(), model_spec(cfg),
+                   data_sources=data_sources(cfg.data))
     model = load_model(cfg.model.name, task, num_labels=info.num_outputs, pooling=cfg.head.pooling,
                        head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
     if cfg.model.quantize:  # QLoRA: the frozen base in 4/8 bits before the adapter wraps it (models/quantize.py)
