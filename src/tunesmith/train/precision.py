@@ -84,7 +84,10 @@ def store_frozen_linears_bf16(model: nn.Module) -> int:
     float32 copies go. Only for language-model runs, whose every forward in the training process is under
     autocast. Weights shared with an embedding (a tied output layer) stay float32: the embedding's output
     starts the residual stream, which autocast keeps in float32. Trainable weights, biases and norms are
-    untouched; a saved adapter or a reloaded run never sees these copies (the base is read from disk again)."""
+    untouched; a saved adapter or a reloaded run never sees these copies (the base is read from disk again).
+    transformers maps the weights file into memory, and the casts read every page of it: the other frozen
+    tensors are copied out so that the mapping is released (else the file's pages stay counted beside the
+    bf16 copies)."""
     tied = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
     changed = 0
     for name, module in model.named_modules():
@@ -94,4 +97,12 @@ def store_frozen_linears_bf16(model: nn.Module) -> int:
                 and w.dtype == torch.float32 and id(w) not in tied:
             module.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
             changed += w.numel()
+    if changed:  # the rest into memory of its own, so the weights file's mapping (all of it touched) can go
+        seen = set()
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) not in seen and not t.requires_grad and t.device.type == "cpu":
+                seen.add(id(t))
+                t.data = t.data.clone()
+        import gc
+        gc.collect()  # the mapping's last owner sits in a reference cycle
     return changed
