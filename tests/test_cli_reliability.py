@@ -234,7 +234,7 @@ def test_resume_refuses_data_that_remaps_the_classes(tmp_path, encoder_dir):
         train(cfg, on_step=stop, **QUIET)
     original = data.read_text()
     data.write_text(original.replace('"sport"', '"athletics"'))  # edited in place: classes re-ordered
-    with pytest.raises(ConfigError, match="data.train changed since the run started"):
+    with pytest.raises(ConfigError, match=r"data.train \(.*\) changed since the run started"):
         train(cfg, resume=True, **QUIET)
     info = json.loads((run / "run.json").read_text())  # a run from before run.json kept the data's hash
     (run / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "data_sources"}))
@@ -260,7 +260,8 @@ def test_resume_refuses_a_training_file_edited_in_place(tmp_path, encoder_dir):
     original = data.read_text()
     lines = original.splitlines(keepends=True)
     data.write_text("".join(lines[1:] + lines[:1]))  # the same examples in another order: other batches
-    with pytest.raises(ConfigError, match=r"data.train changed since the run started .* Restore the file"):
+    with pytest.raises(ConfigError, match=r"data.train \(.*my data #1.jsonl\) changed since the run started .* "
+                                          r"Restore it"):
         train(cfg, resume=True, **QUIET)
     data.write_text(original)  # restored (a new mtime, the same content)
     assert train(cfg, resume=True, **QUIET)["steps"] == 4

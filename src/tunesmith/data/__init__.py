@@ -22,6 +22,7 @@ class PreparedData:
     notes: list[str] = field(default_factory=list)  # what the pipeline did that the user should know
     modality: str = "text"  # text | image
     transform: Callable | None = None  # (batch, torch.Generator) -> batch, e.g. image augmentation; seeded per batch
+    read: dict = field(default_factory=dict)  # files read beside data.train / data.eval ({"train": [images]}): hashed
 
 
 def load_records(spec: str) -> tuple[list[Record], list[Problem]]:

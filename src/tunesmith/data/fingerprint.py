@@ -2,8 +2,10 @@
 
 A resumed run re-reads its data; a file edited in place since the run started would continue it on other
 examples (other batches, other results) without a word. `--resume` compares the hashes and refuses instead.
-Built-in datasets ship inside packages and are not hashed. Data over HASH_LIMIT bytes records only its size:
-hashing hundreds of GB at every start would cost more than the check is worth."""
+Hashed: data.train and data.eval (a folder: every file in it but hidden ones), the files a loader read beside
+them (the images a captions file names), and the rules and Python files of data.weak.functions. Built-in
+datasets ship inside packages and are not hashed. Data over HASH_LIMIT bytes records only its size: hashing
+hundreds of GB at every start would cost more than the check is worth."""
 from __future__ import annotations
 
 import hashlib
@@ -15,18 +17,17 @@ HASH_LIMIT = 4 * 2**30
 
 
 def _files(path: Path) -> list[Path]:
+    """A file, or a folder's files (sorted) without hidden ones or those in hidden folders (.git, .cache, ...),
+    which no loader reads."""
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return sorted(p for p in path.rglob("*") if p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
     return [path] if path.is_file() else []
 
 
-def source_fingerprint(spec: str | None) -> dict | None:
-    """{"bytes": n, "sha256": hex} of a data file or folder (names and contents); only "bytes" when it is
-    over HASH_LIMIT; None for a built-in dataset, nothing given, or a path that does not exist."""
-    if not spec or is_builtin(spec):
-        return None
-    root = Path(spec)
-    files = _files(root)
+def files_fingerprint(files: list[Path], root: Path | None = None) -> dict | None:
+    """{"bytes": n, "sha256": hex} of `files` (names relative to `root`, and contents), in the order given;
+    only "bytes" over HASH_LIMIT; None for no files."""
     if not files:
         return None
     size = sum(p.stat().st_size for p in files)
@@ -34,7 +35,8 @@ def source_fingerprint(spec: str | None) -> dict | None:
         return {"bytes": size}
     digest = hashlib.sha256()
     for p in files:
-        digest.update((p.relative_to(root).as_posix() if root.is_dir() else "").encode() + b"\0")
+        name = p.relative_to(root).as_posix() if root is not None and p.is_relative_to(root) else p.name
+        digest.update(name.encode() + b"\0")
         with open(p, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
@@ -42,9 +44,45 @@ def source_fingerprint(spec: str | None) -> dict | None:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def data_sources(data_cfg) -> dict:
-    """{"train": fingerprint, "eval": fingerprint} of the files a run reads (None entries left out)."""
-    found = {key: source_fingerprint(getattr(data_cfg, key, None)) for key in ("train", "eval")}
+def source_fingerprint(spec: str | None, also: list | tuple = ()) -> dict | None:
+    """The fingerprint of a data file or folder and of the files `also` read beside it; None for a built-in
+    dataset, nothing given, or a path that does not exist."""
+    if not spec or is_builtin(spec):
+        return None
+    root = Path(spec)
+    files = _files(root)
+    if not files:
+        return None
+    extra = sorted({Path(f) for f in also} - set(files))
+    return files_fingerprint(files + extra, root if root.is_dir() else root.parent)
+
+
+def _weak_files(functions: list[str]) -> list[Path]:
+    """The rules files and Python files data.weak.functions names (module:function resolved to its file)."""
+    import importlib.util
+    out = []
+    for ref in functions:
+        target = ref.rsplit(":", 1)[0] if ":" in ref and not Path(ref).is_file() else ref
+        path = Path(target)
+        if not path.is_file() and not target.endswith((".py", ".yaml", ".yml")):
+            try:  # a module name: its source file, when it has one
+                spec = importlib.util.find_spec(target)
+            except (ImportError, ValueError):
+                spec = None
+            path = Path(spec.origin) if spec is not None and spec.origin and spec.has_location else path
+        if path.is_file():
+            out.append(path)
+    return sorted(set(out))
+
+
+def data_sources(data_cfg, read: dict | None = None) -> dict:
+    """{"train": ..., "eval": ..., "weak": ...} fingerprints of what a run reads (None entries left out);
+    `read` names files a loader read beside a spec ({"train": [image paths]})."""
+    read = read or {}
+    found = {key: source_fingerprint(getattr(data_cfg, key, None), read.get(key, ())) for key in ("train", "eval")}
+    weak = getattr(data_cfg, "weak", None)
+    if weak is not None:
+        found["weak"] = files_fingerprint(_weak_files(list(weak.functions or [])))
     return {k: v for k, v in found.items() if v is not None}
 
 

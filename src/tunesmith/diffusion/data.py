@@ -263,6 +263,7 @@ def prepare_image_captions(cfg, seed: int = 0) -> DiffusionData:
     d, notes = cfg.data, []
     train = read_pairs(d.train, d.max_errors)
     evals = read_pairs(d.eval, d.max_errors) if d.eval else []
+    read = {"train": [p.image for p in train], "eval": [p.image for p in evals]}  # what run.json's hash covers
     train = seeded_sample(train, d.max_examples, seed, "training", "max_examples", notes)
     if not d.eval and d.eval_fraction > 0:
         train, evals = holdout_split(train, d.eval_fraction, seed, notes)
@@ -301,7 +302,7 @@ def prepare_image_captions(cfg, seed: int = 0) -> DiffusionData:
     empty = _empty_caption(parts, cache_text, sdxl)
     transform = partial(noise_batch, num_train_timesteps=T, caption_dropout=d.caption_dropout, empty=empty)
     return DiffusionData(IMAGE_CAPTION, enc_train, enc_eval, None, notes, modality="image", transform=transform,
-                         schedule=schedule)
+                         read=read, schedule=schedule)
 
 
 def _empty_caption(parts: dict, cache_text: bool, sdxl: bool) -> dict[str, torch.Tensor]:

@@ -86,6 +86,9 @@ class DPO(Objective):
 
     @classmethod
     def create(cls, cfg, data) -> "DPO":
+        if cfg.loss_type == "simpo" and cfg.reference != "auto":  # a new run only: saved configs still load
+            raise ConfigError(f"objective.reference={cfg.reference}: loss_type simpo uses no reference model, so it "
+                              "would be ignored; leave objective.reference at auto (or choose another loss_type)")
         return cls(cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.simpo_gamma, cfg.reference)
 
     @property

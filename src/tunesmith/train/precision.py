@@ -72,37 +72,3 @@ def check_auto_bf16(model: nn.Module, objective, examples: list[dict], batch_siz
         log(f"precision: fp32 after all — the first batch's loss is {bf16:.4f} in bf16 and {fp32:.4f} in fp32 "
             f"(more than {LOSS_CHECK_REL:.0%} apart)")
     return agree
-
-
-def store_frozen_linears_bf16(model: nn.Module) -> int:
-    """Keep the frozen weights of Linear layers in bf16 for a run that computes under bf16 autocast; returns how
-    many values changed dtype.
-
-    Autocast casts a float32 weight to bf16 at every matmul (its cache keeps only trainable leaves), so a frozen
-    base was cast again at each forward, recompute and backward, and the casts were kept for backward. Casting
-    once gives the same bf16 values (round to nearest), so the forward and the gradients stay bit-identical; the
-    float32 copies go. Only for language-model runs, whose every forward in the training process is under
-    autocast. Weights shared with an embedding (a tied output layer) stay float32: the embedding's output
-    starts the residual stream, which autocast keeps in float32. Trainable weights, biases and norms are
-    untouched; a saved adapter or a reloaded run never sees these copies (the base is read from disk again).
-    transformers maps the weights file into memory, and the casts read every page of it: the other frozen
-    tensors are copied out so that the mapping is released (else the file's pages stay counted beside the
-    bf16 copies)."""
-    tied = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    changed = 0
-    for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        in_adapter = any(part.startswith("lora_") for part in name.split("."))  # another adapter's factors
-        if type(module) is nn.Linear and isinstance(w, nn.Parameter) and not w.requires_grad and not in_adapter \
-                and w.dtype == torch.float32 and id(w) not in tied:
-            module.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
-            changed += w.numel()
-    if changed:  # the rest into memory of its own, so the weights file's mapping (all of it touched) can go
-        seen = set()
-        for t in [*model.parameters(), *model.buffers()]:
-            if id(t) not in seen and not t.requires_grad and t.device.type == "cpu":
-                seen.add(id(t))
-                t.data = t.data.clone()
-        import gc
-        gc.collect()  # the mapping's last owner sits in a reference cycle
-    return changed

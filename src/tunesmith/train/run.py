@@ -190,7 +190,7 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
                               f"`tunesmith train {run_dir} --resume` uses the saved one")
 
 
-def _check_resume_data(run_dir: Path, info: RunInfo) -> None:
+def _check_resume_data(run_dir: Path, info: RunInfo, data_cfg) -> None:
     """The data read now must give the run the same classes and target scale it trained with: a training file
     edited in place would silently re-map the head's outputs."""
     from ..runinfo import RUN_JSON, read_run_info
@@ -200,9 +200,12 @@ def _check_resume_data(run_dir: Path, info: RunInfo) -> None:
     from ..data.fingerprint import changed_sources
     changed = changed_sources(saved.data_sources, info.data_sources)
     if changed:
-        raise ConfigError(f"--resume: data.{' and data.'.join(changed)} changed since the run started (the content "
-                          f"differs from the hash in {run_dir / RUN_JSON}), so the run would not continue on the "
-                          "same examples. Restore the file, or start a new run (--overwrite, or another output.dir)")
+        names = {"train": f"data.train ({data_cfg.train})", "eval": f"data.eval ({data_cfg.eval})",
+                 "weak": "a file of data.weak.functions"}
+        raise ConfigError(f"--resume: {' and '.join(names.get(k, k) for k in changed)} changed since the run started "
+                          f"(the content differs from the hash in {run_dir / RUN_JSON}), so the run would not "
+                          "continue on the same examples. Restore it, or start a new run (--overwrite, or another "
+                          "output.dir)")
     for name, was, now in (("objective", saved.objective, info.objective), ("labels", saved.labels, info.labels),
                            ("objective_params", saved.objective_params, info.objective_params)):
         if was != now:
@@ -273,21 +276,16 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
         checkpoint, device = dist.on_main(prepare_run_folder, run_dir, cfg, resume, overwrite, log), dist.device
     auto_checkpointing = t.gradient_checkpointing is None
     built = build(cfg)  # a config, data or model error leaves no run folder behind to block a retry
-    if auto_checkpointing and t.gradient_checkpointing:
+    if auto_checkpointing:
         log("gradient checkpointing: on (auto, a language-model objective: about half the peak memory for a quarter "
-            "less speed; training.gradient_checkpointing=false for speed)")
+            "less speed; training.gradient_checkpointing=false for speed)" if t.gradient_checkpointing else
+            "gradient checkpointing: off (auto: " + ("this model does not support it" if built.info.task == "causal_lm"
+                                                     else "not a language-model objective") + ")")
     if checkpoint is not None:
-        _check_resume_data(run_dir, built.info)
+        _check_resume_data(run_dir, built.info, cfg.data)
     _choose_precision(cfg, built, device, run_dir, checkpoint, log)
     if dist is not None:  # every rank trains in rank 0's precision, whatever its own check said
         t.bf16 = dist.on_main(lambda: t.bf16)
-    if t.bf16 and dist is None and built.info.task == "causal_lm" and cfg.adapter is not None \
-            and not cfg.model.quantize and not getattr(cfg.adapter, "use_dora", False):
-        from .precision import store_frozen_linears_bf16
-        n = store_frozen_linears_bf16(built.model)
-        if n:
-            log(f"precision: the frozen base's {n / 1e6:.0f}M linear weights kept in bf16, as autocast computes "
-                f"them ({2 * n / 2**20:.0f} MiB less memory, no casts at each step)")
     if dist is None or dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))

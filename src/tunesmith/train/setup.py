@@ -115,16 +115,20 @@ def build(cfg: RunConfig, tokenizer=None) -> Built:
         raise ConfigError(f"model.task={cfg.model.task} does not fit objective {objective.name}, which trains a "
                           f"{task} model; set model.task=auto")
     info = RunInfo(task, objective.name, data.fmt, data.modality, data.labels, objective.params(), model_spec(cfg),
-                   data_sources=data_sources(cfg.data))
+                   data_sources=data_sources(cfg.data, data.read))
     model = load_model(cfg.model.name, task, num_labels=info.num_outputs, pooling=cfg.head.pooling,
                        head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
     if cfg.model.quantize:  # QLoRA: the frozen base in 4/8 bits before the adapter wraps it (models/quantize.py)
         quantize_base(model, cfg.model.quantize, keep=cfg.adapter.modules_to_save)
     attach_trainables(model, cfg)
+    hf = getattr(model, "backbone", model)
     if cfg.training.gradient_checkpointing is None:  # the default: where activations dominate memory (long LM rows)
-        cfg.training.gradient_checkpointing = task == "causal_lm"
+        cfg.training.gradient_checkpointing = task == "causal_lm" and bool(getattr(hf, "supports_gradient_checkpointing",
+                                                                                   False))
     if cfg.training.gradient_checkpointing:
-        hf = getattr(model, "backbone", model)
+        if getattr(hf, "supports_gradient_checkpointing", True) is False:
+            raise ConfigError(f"training.gradient_checkpointing: {type(hf).__name__} does not support gradient "
+                              "checkpointing; set training.gradient_checkpointing=false")
         kwargs = {"use_reentrant": False}
         if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5
             hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
