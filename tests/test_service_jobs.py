@@ -148,6 +148,8 @@ def test_vanished_files_fail_once_and_the_next_job_runs_with_epoch_checkpoints(t
     job_cfg, saved = load_config(run_dir / "job.yaml"), load_config(run_dir / "config.yaml")
     assert job_cfg.training.bf16 is None and saved.training.bf16 in (True, False)  # auto, resolved by the hardware
     job_cfg.training.bf16 = saved.training.bf16  # the run records the precision it chose; resume keeps it
+    assert job_cfg.training.gradient_checkpointing is None and saved.training.gradient_checkpointing is True  # a LM
+    job_cfg.training.gradient_checkpointing = True
     assert dump_config(job_cfg) == dump_config(saved)
     cfg = load_config(run_dir / "job.yaml")
     assert cfg.training.epochs == 2 and cfg.training.batch_size == 4 and cfg.output.dir == str(run_dir)
