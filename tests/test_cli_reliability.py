@@ -263,8 +263,42 @@ def test_resume_refuses_a_training_file_edited_in_place(tmp_path, encoder_dir):
     with pytest.raises(ConfigError, match=r"data.train \(.*my data #1.jsonl\) changed since the run started .* "
                                           r"Restore it"):
         train(cfg, resume=True, **QUIET)
+    info_file = run / "run.json"
+    info = json.loads(info_file.read_text())
+    for bad in ("abc", ["x"], {"train": "x"}, {"train": None}):  # hand-edited: a clear error, not a traceback
+        info_file.write_text(json.dumps({**info, "data_sources": bad}))
+        with pytest.raises(ConfigError, match="run.json: data_sources is malformed"):
+            train(cfg, resume=True, **QUIET)
+    info_file.write_text(json.dumps(info))
     data.write_text(original)  # restored (a new mtime, the same content)
     assert train(cfg, resume=True, **QUIET)["steps"] == 4
+
+
+def test_resume_by_run_folder_from_another_folder_continues_that_run(tmp_path, lm_dir, monkeypatch):
+    """The saved output.dir is relative to where the run started; `train RUN --resume` elsewhere must not start
+    a new run there. A relative data path that is not found from here says so."""
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    write_jsonl(tmp_path / "start" / "chat.jsonl", chat_rows(24))
+    args = [f"model.name={lm_dir}", "data.eval_fraction=0", "data.max_length=64", "adapter.kind=lora",
+            "adapter.targets=[q_proj,v_proj]", "training.max_steps=6", "training.save_every=2", "output.dir=run",
+            "output.progress=false"]
+
+    def stop(event):
+        if event.step == 3:
+            raise KeyboardInterrupt
+
+    for data, name in ((str(tmp_path / "start" / "chat.jsonl"), "run"), ("chat.jsonl", "run2")):
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config(None, [f"data.train={data}", *args[:-2], f"output.dir={name}", args[-1]]),
+                  on_step=stop, **QUIET)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", str(tmp_path / "start" / "run"), "--quiet", "--resume"]) == 0
+    assert json.loads((tmp_path / "start" / "run" / "summary.json").read_text())["steps"] == 6
+    assert not any((tmp_path / "elsewhere").iterdir())  # no new run beside
+    with pytest.raises(SystemExit, match="data.train: 'chat.jsonl' is relative, as saved in .* run from the folder"):
+        main(["train", str(tmp_path / "start" / "run2"), "--quiet", "--resume"])
 
 
 def test_divergence_stops_with_a_message_and_keeps_the_weights(tmp_path, encoder_dir):

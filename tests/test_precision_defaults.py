@@ -105,10 +105,35 @@ def test_a_run_saved_before_new_config_fields_existed_still_resumes(tmp_path, en
     with pytest.raises(KeyboardInterrupt):
         train(load_config(None, args), on_step=stop, **QUIET)
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    for section, key in (("data", "weak"), ("data", "packing"), ("training", "bf16")):
+    for section, key in (("data", "weak"), ("data", "packing"), ("training", "bf16"),
+                         ("training", "gradient_checkpointing")):
         saved[section].pop(key)
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert train(load_config(None, args), resume=True, **QUIET)["steps"] == 4
+    assert load_config(run / "config.yaml").training.gradient_checkpointing is False  # what that run had
+
+
+def test_a_language_model_run_from_before_the_checkpointing_default_resumes_without_it(tmp_path, lm_dir):
+    import yaml
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    run = tmp_path / "run"
+    args = [f"model.name={lm_dir}", f"data.train={data}", "data.max_length=64", "data.eval_fraction=0",
+            "adapter.kind=lora", "adapter.r=4", "training.batch_size=2", "training.max_steps=4",
+            "training.save_every=2", f"output.dir={run}", "output.progress=false"]
+
+    def stop(event):
+        if event.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, args), on_step=stop, **QUIET)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["training"].pop("gradient_checkpointing") is True  # the new default for a language model
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))  # as a run saved before the field existed
+    lines = []
+    train(load_config(None, args), resume=True, log=lines.append)
+    assert load_config(run / "config.yaml").training.gradient_checkpointing is False
+    assert not any(line.startswith("gradient checkpointing: on") for line in lines)
 
 
 def test_checkpointing_defaults_off_for_a_language_model_that_cannot_checkpoint(tmp_path):

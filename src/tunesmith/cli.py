@@ -30,17 +30,35 @@ def positive_int(text: str) -> int:
 DEVICE_HELP = "auto (a CUDA GPU if present, then MPS, else CPU; default), cpu, cuda, cuda:N or mps"
 
 
+def _settle_run_folder(cfg, run_folder: Path, overrides: list[str]) -> None:
+    """`train RUN_FOLDER`: the folder named is the run (its saved output.dir may be relative to wherever it
+    started), and a relative data path that is not there from here says so instead of "file not found"."""
+    if not any(o.split("=", 1)[0].strip() == "output.dir" for o in overrides):
+        cfg.output.dir = str(run_folder)
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    for key in ("train", "eval"):
+        value = getattr(cfg.data, key)
+        if value and f"data.{key}" not in given and not Path(value).is_absolute() and not Path(value).exists() \
+                and ":" not in value:
+            raise SystemExit(f"data.{key}: {value!r} is relative, as saved in {run_folder / 'config.yaml'}, and is "
+                             f"not there from this folder ({Path.cwd()}); run from the folder the run started in, "
+                             f"or pass data.{key}=/absolute/path/to/it")
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .train import train
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not Path(config).exists():  # no YAML file, overrides only
         config, overrides = None, [config] + overrides
+    run_folder = None
     if config and Path(config).is_dir():  # a run folder: its saved config (what `--resume RUN` needs)
         if not (Path(config) / "config.yaml").exists():
             raise SystemExit(f"{config} is a folder without config.yaml: give a config YAML or a run folder")
-        config = str(Path(config) / "config.yaml")
+        run_folder, config = Path(config), str(Path(config) / "config.yaml")
     cfg = load_config(config, overrides)
+    if run_folder is not None:
+        _settle_run_folder(cfg, run_folder, overrides)
     if args.quiet:
         cfg.output.progress = False
     from .train.distributed import exec_torchrun, is_main_process, launched_by_torchrun

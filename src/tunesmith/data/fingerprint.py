@@ -86,10 +86,18 @@ def data_sources(data_cfg, read: dict | None = None) -> dict:
     return {k: v for k, v in found.items() if v is not None}
 
 
-def changed_sources(saved: dict, now: dict) -> list[str]:
-    """The data keys whose content differs from what the run recorded ('bytes' alone when not hashed)."""
+def changed_sources(saved, now: dict) -> list[str]:
+    """The data keys whose content differs from what the run recorded ('bytes' alone when not hashed).
+    Raises ValueError for a record that is not what `tunesmith train` writes."""
+    if saved is None:
+        return []  # a run from before the hash was kept
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) and ("sha256" in v or "bytes" in v)
+                                              for v in saved.values()):
+        raise ValueError(f"data_sources is malformed ({saved!r:.80}); it is written by `tunesmith train` as "
+                         '{"train": {"bytes": ..., "sha256": ...}}: restore it, or delete the field to resume '
+                         "without the data check")
     out = []
-    for key, was in (saved or {}).items():
+    for key, was in saved.items():
         cur = now.get(key)
         if cur is None:
             continue  # gone or now built-in: reading it fails or names it already

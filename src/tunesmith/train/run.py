@@ -178,6 +178,9 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     old = yaml.safe_load(dump_config(load_config(saved)))
     if cfg.data.packing is None:  # chosen by the run when it started (null: by its objective): keep that choice
         cfg.data.packing = (old.get("data") or {}).get("packing")
+    if cfg.training.gradient_checkpointing is None:  # likewise; a run from before the field existed had it off
+        raw = (yaml.safe_load(saved.read_text()) or {}).get("training") or {}
+        cfg.training.gradient_checkpointing = raw.get("gradient_checkpointing") or False
     new = yaml.safe_load(dump_config(cfg))
     for section in ("model", "adapter", "data", "objective", "freeze"):
         if old.get(section) != new.get(section):
@@ -198,7 +201,10 @@ def _check_resume_data(run_dir: Path, info: RunInfo, data_cfg) -> None:
         return
     saved = read_run_info(run_dir)
     from ..data.fingerprint import changed_sources
-    changed = changed_sources(saved.data_sources, info.data_sources)
+    try:
+        changed = changed_sources(saved.data_sources, info.data_sources)
+    except ValueError as e:
+        raise ConfigError(f"--resume: {run_dir / RUN_JSON}: {e}") from None
     if changed:
         names = {"train": f"data.train ({data_cfg.train})", "eval": f"data.eval ({data_cfg.eval})",
                  "weak": "a file of data.weak.functions"}
