@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 MODEL=${MODEL:-smollm2-135m-instruct}
-if [ -d "$MODEL" ] && ! ls "$MODEL"/*.safetensors >/dev/null 2>&1; then
+if [ -d "$MODEL" ] && ! compgen -G "$MODEL/*.safetensors" >/dev/null && ! compgen -G "$MODEL/*.bin" >/dev/null; then
   $PY - "$MODEL" /tmp/sft-bench-model <<'EOF'
 import shutil, sys
 from pathlib import Path
@@ -23,7 +23,7 @@ src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 torch.manual_seed(0)
 AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src)).save_pretrained(dst)
 for f in src.iterdir():
-    if f.name != "config.json":
+    if f.is_file() and f.name != "config.json":
         shutil.copy(f, dst / f.name)
 print(f"random weights for {src.name}'s architecture in {dst}")
 EOF
