@@ -33,9 +33,9 @@ DEVICE_HELP = "auto (a CUDA GPU if present, then MPS, else CPU; default), cpu, c
 def _settle_run_folder(cfg, run_folder: Path, overrides: list[str]) -> None:
     """`train RUN_FOLDER`: the folder named is the run (its saved output.dir may be relative to wherever it
     started), and a relative data path that is not there from here says so instead of "file not found"."""
-    if not any(o.split("=", 1)[0].strip() == "output.dir" for o in overrides):
-        cfg.output.dir = str(run_folder)
     given = {o.split("=", 1)[0].strip() for o in overrides}
+    if "output.dir" not in given:
+        cfg.output.dir = str(run_folder)
     for key in ("train", "eval"):
         value = getattr(cfg.data, key)
         if value and f"data.{key}" not in given and not Path(value).is_absolute() and not Path(value).exists() \
