@@ -274,7 +274,7 @@ def test_resume_refuses_a_training_file_edited_in_place(tmp_path, encoder_dir):
     assert train(cfg, resume=True, **QUIET)["steps"] == 4
 
 
-def test_resume_by_run_folder_from_another_folder_continues_that_run(tmp_path, lm_dir, monkeypatch):
+def test_resume_by_run_folder_from_another_folder_continues_that_run(tmp_path, lm_dir, monkeypatch, capsys):
     """The saved output.dir is relative to where the run started; `train RUN --resume` elsewhere must not start
     a new run there. A relative data path that is not found from here says so."""
     (tmp_path / "start").mkdir()
@@ -289,7 +289,7 @@ def test_resume_by_run_folder_from_another_folder_continues_that_run(tmp_path, l
         if event.step == 3:
             raise KeyboardInterrupt
 
-    for data, name in ((str(tmp_path / "start" / "chat.jsonl"), "run"), ("chat.jsonl", "run2")):
+    for data, name in ((str(tmp_path / "start" / "chat.jsonl"), "run"), ("chat.jsonl", "run2"), ("chat.jsonl", "run3")):
         with pytest.raises(KeyboardInterrupt):
             train(load_config(None, [f"data.train={data}", *args[:-2], f"output.dir={name}", args[-1]]),
                   on_step=stop, **QUIET)
@@ -297,8 +297,72 @@ def test_resume_by_run_folder_from_another_folder_continues_that_run(tmp_path, l
     assert main(["train", str(tmp_path / "start" / "run"), "--quiet", "--resume"]) == 0
     assert json.loads((tmp_path / "start" / "run" / "summary.json").read_text())["steps"] == 6
     assert not any((tmp_path / "elsewhere").iterdir())  # no new run beside
-    with pytest.raises(SystemExit, match="data.train: 'chat.jsonl' is relative, as saved in .* run from the folder"):
-        main(["train", str(tmp_path / "start" / "run2"), "--quiet", "--resume"])
+    # a relative data path is read from the folder the run started in (run.json's started_in)
+    assert main(["train", str(tmp_path / "start" / "run2"), "--quiet", "--resume"]) == 0
+    assert json.loads((tmp_path / "start" / "run2" / "summary.json").read_text())["steps"] == 6
+    # ... and when the file has moved since, the error's fix works: the content is the same, so the run resumes
+    moved = tmp_path / "elsewhere" / "moved chat #1.jsonl"
+    (tmp_path / "start" / "chat.jsonl").rename(moved)
+    with pytest.raises(SystemExit, match="data.train: 'chat.jsonl' is relative, as saved in .* nor from the folder "
+                                         "the run started in .*; pass data.train=/absolute/path/to/it"):
+        main(["train", str(tmp_path / "start" / "run3"), "--quiet", "--resume"])
+    assert main(["train", str(tmp_path / "start" / "run3"), "--quiet", "--resume", f"data.train={moved}"]) == 0
+    assert json.loads((tmp_path / "start" / "run3" / "summary.json").read_text())["steps"] == 6
+    # the content is what counts: another file passed as data.train is refused
+    write_jsonl(moved, chat_rows(30))
+    run4 = tmp_path / "start" / "run4"
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, [f"data.train={moved}", *args[:-2], f"output.dir={run4}", args[-1]]), on_step=stop,
+              **QUIET)
+    other = tmp_path / "elsewhere" / "other.jsonl"
+    other.write_text("\n".join(moved.read_text().splitlines()[::-1]) + "\n")
+    capsys.readouterr()
+    assert main(["train", str(run4), "--quiet", "--resume", f"data.train={other}"]) == 2
+    assert "data.train (" + str(other) + ") changed since the run started" in capsys.readouterr().err
+
+
+def test_builtin_data_resumes_by_run_folder(tmp_path, monkeypatch):
+    """`data.train: digits` (a built-in dataset named without a split) is not a relative path."""
+    monkeypatch.chdir(tmp_path)
+    args = ["model.name=mobilenet-v2-imagenet", "data.train=digits", "data.eval_fraction=0", "data.image_size=32",
+            "freeze.train_only=[classifier]",
+            "training.max_steps=4", "training.save_every=2", "training.batch_size=4", "output.dir=run",
+            "output.progress=false"]
+
+    def stop(event):
+        if event.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, args), on_step=stop, **QUIET)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", str(tmp_path / "run"), "--quiet", "--resume"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+
+
+def test_overwrite_deletes_the_old_run_only_once_the_new_one_has_loaded(tmp_path, encoder_dir):
+    """A typo in the new config must not cost the old run; nor may --overwrite delete what the new run reads,
+    or follow a link."""
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(20))
+    run = tmp_path / "run"
+    train(cls_config(encoder_dir, data, run), **QUIET)
+    before = (run / "summary.json").read_text()
+    with pytest.raises(TunesmithError, match="typo.jsonl"):
+        train(cls_config(encoder_dir, tmp_path / "typo.jsonl", run), overwrite=True, **QUIET)
+    with pytest.raises(TunesmithError, match="not-a-model"):
+        train(cls_config(tmp_path / "not-a-model", data, run), overwrite=True, **QUIET)
+    assert (run / "summary.json").read_text() == before
+    inside = write_jsonl(run / "kept.jsonl", class_rows(20))
+    with pytest.raises(ConfigError, match=r"--overwrite would delete .* reads data.train \(.*kept.jsonl\) from inside it"):
+        train(cls_config(encoder_dir, inside, run), overwrite=True, **QUIET)
+    link = tmp_path / "link"
+    link.symlink_to(run)
+    with pytest.raises(ConfigError, match="is a symbolic link .* does not delete through a link"):
+        train(cls_config(encoder_dir, data, link), overwrite=True, **QUIET)
+    assert (run / "summary.json").read_text() == before and (run / "kept.jsonl").exists()
+    train(cls_config(encoder_dir, data, run, "training.max_steps=3"), overwrite=True, **QUIET)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3 and not (run / "kept.jsonl").exists()
 
 
 def test_divergence_stops_with_a_message_and_keeps_the_weights(tmp_path, encoder_dir):

@@ -86,7 +86,7 @@ def _record_writes_under(root: str, into: list) -> None:
     sys.addaudithook(hook)
 
 
-def _rank_main(rank: int, world: int, port: int, cfg: dict, report: str) -> None:
+def _rank_main(rank: int, world: int, port: int, cfg: dict, report: str, resume: bool = False) -> None:
     """One rank, as torchrun starts it, recording what it writes under the run folder."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
@@ -95,14 +95,16 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, report: str) -> None
     _record_writes_under(os.path.abspath(cfg["output"]["dir"]), writes)
     from tunesmith.config import config_from_dict
     from tunesmith.train import train
-    summary = train(config_from_dict(cfg), log=lambda *a: None)
-    Path(report, f"rank{rank}.json").write_text(json.dumps({"writes": writes, "summary": summary}))
+    config = config_from_dict(cfg)
+    summary = train(config, resume=resume, log=lambda *a: None)
+    Path(report, f"rank{rank}.json").write_text(json.dumps({
+        "writes": writes, "summary": summary, "settled": [config.training.gradient_checkpointing, config.data.packing]}))
 
 
-def run_ranks(cfg: dict, report: Path, world: int = 2) -> list[dict]:
+def run_ranks(cfg: dict, report: Path, world: int = 2, resume: bool = False) -> list[dict]:
     import torch.multiprocessing as mp
     report.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_rank_main, args=(world, free_port(), cfg, str(report)), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), cfg, str(report), resume), nprocs=world, join=True)
     return [json.loads((report / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -175,6 +177,22 @@ def test_a_two_rank_checkpoint_resumes_in_one_process_to_the_same_final_loss(one
     assert any("resumed from" in s and "step-3" in s for s in said), said
     assert summary["final_loss"] == pytest.approx(ref_summary["final_loss"], rel=LOSS_RTOL)
     assert_same_losses(cut, ref)
+
+
+def test_two_ranks_resuming_an_old_run_settle_its_config_alike(lm_dir, data, one_process, tmp_path):
+    """A run saved before training.gradient_checkpointing existed resumes with it off. Rank 0 reads the saved
+    config; every rank must take what it settled, not its own auto default."""
+    import yaml
+    ref, ref_summary = one_process
+    cut = tmp_path / "run"
+    shutil.copytree(ref, cut)
+    (cut / "summary.json").unlink()
+    saved = yaml.safe_load((cut / "config.yaml").read_text())
+    del saved["training"]["gradient_checkpointing"]
+    (cut / "config.yaml").write_text(yaml.safe_dump(saved))
+    reports = run_ranks(run_config(lm_dir, data, cut), tmp_path / "report", resume=True)
+    assert [r["settled"] for r in reports] == [[False, True], [False, True]]
+    assert reports[1]["summary"]["final_loss"] == pytest.approx(ref_summary["final_loss"], rel=LOSS_RTOL)
 
 
 def test_tunesmith_train_nproc_runs_torchrun(lm_dir, data, one_process, tmp_path):

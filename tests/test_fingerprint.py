@@ -75,3 +75,16 @@ def test_what_is_not_hashed(tmp_path, monkeypatch):
     assert HASH_LIMIT == 4 * 2**30
     saved = {"train": {"bytes": 4}}
     assert changed_sources(saved, {"train": {"bytes": 4}}) == [] and changed_sources(saved, {"train": {"bytes": 5}})
+
+
+def test_a_datasetdict_folder_hashes_the_split_that_is_read(tmp_path):
+    """data.train of a DatasetDict folder reads its 'train' split: re-saving 'test' changes nothing it reads."""
+    from datasets import Dataset, DatasetDict
+    folder = tmp_path / "dsd"
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(6)]
+    DatasetDict(train=Dataset.from_list(rows), test=Dataset.from_list(rows[:2])).save_to_disk(str(folder))
+    before = source_fingerprint(str(folder))
+    Dataset.from_list(rows[2:]).save_to_disk(str(folder / "test"))
+    assert source_fingerprint(str(folder)) == before
+    Dataset.from_list(rows[::-1]).save_to_disk(str(folder / "train"))
+    assert source_fingerprint(str(folder))["sha256"] != before["sha256"]

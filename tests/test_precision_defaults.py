@@ -163,3 +163,14 @@ def test_checkpointing_defaults_off_for_a_language_model_that_cannot_checkpoint(
         train(load_config(None, args + [f"output.dir={tmp_path / 'run2'}", "training.gradient_checkpointing=true"]),
               log=lambda *_: None)
     assert not (tmp_path / "run2").exists()
+
+
+def test_checkpointing_asked_for_on_a_model_without_it_is_refused():
+    """Our MobileNetV2 has no checkpointing hook: `true` must not be written to config.yaml and then ignored."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.train.setup import build
+    cfg = load_config(None, ["model.name=mobilenet-v2-imagenet", "data.train=digits", "data.eval_fraction=0",
+                             "training.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="MobileNetV2 does not support gradient checkpointing; set "
+                                          "training.gradient_checkpointing=false"):
+        build(cfg)

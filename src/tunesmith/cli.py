@@ -32,17 +32,32 @@ DEVICE_HELP = "auto (a CUDA GPU if present, then MPS, else CPU; default), cpu, c
 
 def _settle_run_folder(cfg, run_folder: Path, overrides: list[str]) -> None:
     """`train RUN_FOLDER`: the folder named is the run (its saved output.dir may be relative to wherever it
-    started), and a relative data path that is not there from here says so instead of "file not found"."""
+    started), and a relative model or data path saved in config.yaml is read from the folder the run started in
+    (run.json's started_in) when it is not there from here."""
+    from .data.builtin import is_named_dataset
+    from .errors import TunesmithError
+    from .runinfo import read_run_info
     given = {o.split("=", 1)[0].strip() for o in overrides}
     if "output.dir" not in given:
         cfg.output.dir = str(run_folder)
-    for key in ("train", "eval"):
-        value = getattr(cfg.data, key)
-        if value and f"data.{key}" not in given and not Path(value).is_absolute() and not Path(value).exists() \
-                and ":" not in value:
-            raise SystemExit(f"data.{key}: {value!r} is relative, as saved in {run_folder / 'config.yaml'}, and is "
-                             f"not there from this folder ({Path.cwd()}); run from the folder the run started in, "
-                             f"or pass data.{key}=/absolute/path/to/it")
+    try:
+        started = read_run_info(run_folder).started_in
+    except TunesmithError:
+        started = None  # an unreadable run.json is reported by --resume's own checks
+    for section, key in (("data", "train"), ("data", "eval"), ("model", "name")):
+        part = getattr(cfg, section)
+        value = getattr(part, key)
+        if not value or f"{section}.{key}" in given or Path(value).is_absolute() or Path(value).exists() \
+                or is_named_dataset(value):
+            continue
+        if started and (Path(started) / value).exists():
+            setattr(part, key, str(Path(started) / value))
+            print(f"{section}.{key}: {value!r} read from {Path(started) / value} (the folder the run started in)")
+        elif section == "data":
+            raise SystemExit(f"{section}.{key}: {value!r} is relative, as saved in {run_folder / 'config.yaml'}, and "
+                             f"is not there from this folder ({Path.cwd()})"
+                             + (f" nor from the folder the run started in ({started})" if started else "")
+                             + f"; pass {section}.{key}=/absolute/path/to/it")
 
 
 def cmd_train(args) -> int:

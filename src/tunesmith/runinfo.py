@@ -24,6 +24,7 @@ class RunInfo:
     model: dict = field(default_factory=dict)  # name, dtype, pooling, head_dropout: how to load the base again
     artifact: str | None = None  # adapter | head | model, once the run has finished
     data_sources: dict = field(default_factory=dict)  # train/eval file -> {bytes, sha256}: what --resume checks
+    started_in: str | None = None  # the working folder the run started in: what config.yaml's relative paths mean
     version: int = 1
 
     def write(self, run_dir: Path) -> None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from . import lora_fused
 from .layer import AdapterLayer, in_features, out_features
 from .merge import CONV, EMBEDDING, GPT2_CONV1D, LINEAR, as_out_in, dora_factor, lora_delta, scale_rows
 
@@ -124,6 +125,9 @@ class LoraLayer(AdapterLayer):
             w.sub_(delta)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if (len(self.active_adapters) == 1 and not self.merged_adapters and not self.disabled
+                and self.layout == LINEAR and lora_fused.applies(self, x, self.active_adapters[0], args, kwargs)):
+            return lora_fused.lora_linear(self, x, self.active_adapters[0])  # training's common case, one kernel set
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result

@@ -15,10 +15,16 @@ from pathlib import Path
 from .formats import DataError, Problem, Record
 
 BUILTIN = ("bbc-news", "bbc-news-titles")
+BUILTIN_IMAGES = ("mnist", "digits")  # read by vision/data.py
 
 
 def is_builtin(spec: str) -> bool:
     return spec.split(":", 1)[0] in BUILTIN
+
+
+def is_named_dataset(spec: str) -> bool:
+    """A built-in dataset of either kind, named rather than a path (`digits`, `bbc-news:test`)."""
+    return spec.split(":", 1)[0] in BUILTIN + BUILTIN_IMAGES
 
 
 def _bbc_root() -> Path:

@@ -20,14 +20,16 @@ def _files(path: Path) -> list[Path]:
     """A file, or a folder's files (sorted) without hidden ones or those in hidden folders (.git, .cache, ...),
     which no loader reads."""
     if path.is_dir():
+        if (path / "dataset_dict.json").is_file() and (path / "train").is_dir():
+            return _files(path / "train")  # the split data/convert.py reads of a DatasetDict folder
         return sorted(p for p in path.rglob("*") if p.is_file()
                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
     return [path] if path.is_file() else []
 
 
-def files_fingerprint(files: list[Path], root: Path | None = None) -> dict | None:
-    """{"bytes": n, "sha256": hex} of `files` (names relative to `root`, and contents), in the order given;
-    only "bytes" over HASH_LIMIT; None for no files."""
+def files_fingerprint(files: list[Path], root: Path | None = None, unnamed: Path | None = None) -> dict | None:
+    """{"bytes": n, "sha256": hex} of `files` (names relative to `root`, but none for `unnamed`, and contents),
+    in the order given; only "bytes" over HASH_LIMIT; None for no files."""
     if not files:
         return None
     size = sum(p.stat().st_size for p in files)
@@ -35,7 +37,8 @@ def files_fingerprint(files: list[Path], root: Path | None = None) -> dict | Non
         return {"bytes": size}
     digest = hashlib.sha256()
     for p in files:
-        name = p.relative_to(root).as_posix() if root is not None and p.is_relative_to(root) else p.name
+        name = "" if p == unnamed else p.relative_to(root).as_posix() if root is not None and p.is_relative_to(root) \
+            else p.name
         digest.update(name.encode() + b"\0")
         with open(p, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -54,7 +57,11 @@ def source_fingerprint(spec: str | None, also: list | tuple = ()) -> dict | None
     if not files:
         return None
     extra = sorted({Path(f) for f in also} - set(files))
-    return files_fingerprint(files + extra, root if root.is_dir() else root.parent)
+    if root.is_dir():
+        return files_fingerprint(files + extra, root)
+    # one file: its content, not its name (a file moved or renamed since is the same data); what it names
+    # beside it (images) by their paths relative to it
+    return files_fingerprint(files + extra, root.parent, unnamed=root)
 
 
 def _weak_files(functions: list[str]) -> list[Path]:

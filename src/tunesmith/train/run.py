@@ -18,7 +18,7 @@ from torch import nn
 from ..config import RunConfig, dump_config, load_config
 from ..data import PreparedData
 from ..devices import autocast, resolve_device
-from ..errors import ConfigError
+from ..errors import ConfigError, TunesmithError
 from ..freeze import ParamSummary, trainable_summary
 from ..io import atomic_write_text, is_run_folder
 from ..models.quantize import quantization_summary
@@ -182,6 +182,7 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
         raw = (yaml.safe_load(saved.read_text()) or {}).get("training") or {}
         cfg.training.gradient_checkpointing = raw.get("gradient_checkpointing") or False
     new = yaml.safe_load(dump_config(cfg))
+    _same_paths(old, new, run_dir)
     for section in ("model", "adapter", "data", "objective", "freeze"):
         if old.get(section) != new.get(section):
             before, now = old.get(section) or {}, new.get(section) or {}
@@ -191,6 +192,28 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
             raise ConfigError(f"--resume: section '{section}' differs from the run's saved {saved} "
                               f"({changes or 'changed'}); resume with the same config: "
                               f"`tunesmith train {run_dir} --resume` uses the saved one")
+
+
+def _same_paths(old: dict, new: dict, run_dir: Path) -> None:
+    """Give `new` the saved value of model.name / data.train / data.eval where both name the same thing: the
+    same path written relative to another folder (config.yaml's paths are relative to the folder the run
+    started in), or a data file moved since, whose content _check_resume_data compares by hash."""
+    from ..data.builtin import is_named_dataset
+    from ..runinfo import RUN_JSON, read_run_info
+    try:
+        info = read_run_info(run_dir) if (run_dir / RUN_JSON).exists() else None
+    except TunesmithError:
+        info = None  # _check_resume_data reports an unreadable run.json
+    started = Path(info.started_in) if info is not None and info.started_in else Path.cwd()
+    sources = info.data_sources if info is not None and isinstance(info.data_sources, dict) else {}
+    hashed = {k for k, v in sources.items() if isinstance(v, dict) and "sha256" in v}
+    for section, key in (("model", "name"), ("data", "train"), ("data", "eval")):
+        was, now = (old.get(section) or {}).get(key), (new.get(section) or {}).get(key)
+        if was == now or not isinstance(was, str) or not isinstance(now, str) or is_named_dataset(was) \
+                or is_named_dataset(now):
+            continue
+        if (started / was).resolve() == Path(now).resolve() or (section == "data" and key in hashed):
+            new[section][key] = was
 
 
 def _check_resume_data(run_dir: Path, info: RunInfo, data_cfg) -> None:
@@ -210,8 +233,8 @@ def _check_resume_data(run_dir: Path, info: RunInfo, data_cfg) -> None:
                  "weak": "a file of data.weak.functions"}
         raise ConfigError(f"--resume: {' and '.join(names.get(k, k) for k in changed)} changed since the run started "
                           f"(the content differs from the hash in {run_dir / RUN_JSON}), so the run would not "
-                          "continue on the same examples. Restore it, or start a new run (--overwrite, or another "
-                          "output.dir)")
+                          + ("evaluate on the same examples" if changed == ["eval"] else "continue on the same examples")
+                          + ". Restore it, or start a new run (--overwrite, or another output.dir)")
     for name, was, now in (("objective", saved.objective, info.objective), ("labels", saved.labels, info.labels),
                            ("objective_params", saved.objective_params, info.objective_params)):
         if was != now:
@@ -222,7 +245,8 @@ def _check_resume_data(run_dir: Path, info: RunInfo, data_cfg) -> None:
 
 def prepare_run_folder(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool, log: Callable) -> Path | None:
     """Nothing is overwritten by accident: a folder that holds anything is continued (--resume), replaced
-    (--overwrite, only if it is a run) or refused. Returns the checkpoint to resume from."""
+    (--overwrite, only if it is a run; replace_run_folder deletes it once the new run has built) or refused.
+    Returns the checkpoint to resume from."""
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output.dir and --overwrite replaces it: pass one of them")
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
@@ -246,11 +270,26 @@ def prepare_run_folder(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: b
         if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
             raise ConfigError(f"output.dir {run_dir} is the current folder or holds it; --overwrite will not delete "
                               "it: choose another output.dir")
-        shutil.rmtree(run_dir)
-        log(f"--overwrite: removed the previous run in {run_dir}")
+        if run_dir.is_symlink():
+            raise ConfigError(f"output.dir {run_dir} is a symbolic link (to {run_dir.resolve()}); --overwrite does "
+                              "not delete through a link: give the folder itself, or choose another output.dir")
+        inside = [f"{key} ({value})" for key, value in (("model.name", cfg.model.name), ("data.train", cfg.data.train),
+                                                         ("data.eval", cfg.data.eval))
+                  if value and Path(value).exists() and Path(value).resolve().is_relative_to(run_dir.resolve())]
+        if inside:
+            raise ConfigError(f"--overwrite would delete {run_dir}, but this run reads {' and '.join(inside)} from "
+                              "inside it; copy that out first, or choose another output.dir")
     elif run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir {run_dir} is a file; choose a folder")
     return None
+
+
+def replace_run_folder(run_dir: Path, log: Callable) -> None:
+    """--overwrite, once the new run's model and data have loaded: a typo in the new config must not have
+    cost the old run."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+        log(f"--overwrite: removed the previous run in {run_dir}")
 
 
 def _choose_precision(cfg: RunConfig, built, device, run_dir: Path, checkpoint, log: Callable) -> None:
@@ -280,8 +319,12 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
     else:
         log = dist.log(log)
         checkpoint, device = dist.on_main(prepare_run_folder, run_dir, cfg, resume, overwrite, log), dist.device
+        # a resume settles these from the saved config on rank 0 alone: every rank takes its values
+        cfg.data.packing, t.gradient_checkpointing = dist.on_main(lambda: (cfg.data.packing, t.gradient_checkpointing))
     auto_checkpointing = t.gradient_checkpointing is None
     built = build(cfg)  # a config, data or model error leaves no run folder behind to block a retry
+    if overwrite:
+        replace_run_folder(run_dir, log) if dist is None else dist.on_main(replace_run_folder, run_dir, log)
     if auto_checkpointing:
         log("gradient checkpointing: on (auto, a language-model objective: about half the peak memory for a quarter "
             "less speed; training.gradient_checkpointing=false for speed)" if t.gradient_checkpointing else

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -115,7 +116,7 @@ def build(cfg: RunConfig, tokenizer=None) -> Built:
         raise ConfigError(f"model.task={cfg.model.task} does not fit objective {objective.name}, which trains a "
                           f"{task} model; set model.task=auto")
     info = RunInfo(task, objective.name, data.fmt, data.modality, data.labels, objective.params(), model_spec(cfg),
-                   data_sources=data_sources(cfg.data, data.read))
+                   data_sources=data_sources(cfg.data, data.read), started_in=str(Path.cwd()))
     model = load_model(cfg.model.name, task, num_labels=info.num_outputs, pooling=cfg.head.pooling,
                        head_dropout=cfg.head.dropout, dtype=cfg.model.dtype)
     if cfg.model.quantize:  # QLoRA: the frozen base in 4/8 bits before the adapter wraps it (models/quantize.py)
@@ -126,13 +127,14 @@ def build(cfg: RunConfig, tokenizer=None) -> Built:
         cfg.training.gradient_checkpointing = task == "causal_lm" and bool(getattr(hf, "supports_gradient_checkpointing",
                                                                                    False))
     if cfg.training.gradient_checkpointing:
-        if getattr(hf, "supports_gradient_checkpointing", True) is False:
+        kwargs = {"use_reentrant": False}
+        if getattr(hf, "supports_gradient_checkpointing", True) is False or not any(
+                hasattr(hf, m) for m in ("activation_checkpointing_enable", "gradient_checkpointing_enable")):
             raise ConfigError(f"training.gradient_checkpointing: {type(hf).__name__} does not support gradient "
                               "checkpointing; set training.gradient_checkpointing=false")
-        kwargs = {"use_reentrant": False}
         if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5
             hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif hasattr(hf, "gradient_checkpointing_enable"):
+        else:  # transformers' models before v5; DiffusionModel
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(hf, "enable_input_require_grads"):
             hf.enable_input_require_grads()

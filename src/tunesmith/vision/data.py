@@ -14,11 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.builtin import BUILTIN_IMAGES
 from ..data.formats import DataError, Problem
 from .mobilenet import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-BUILTIN_IMAGES = ("mnist", "digits")
 
 
 def is_image_spec(spec: str) -> bool:
