@@ -66,7 +66,7 @@ def cmd_score(args) -> int:
     if run.info.objective != "reward":
         raise TunesmithError(f"{args.run}: this run trained {run.info.objective!r}, not a reward model; `score` "
                              "needs a run of objective.type: reward")
-    records, problems = load_records(args.data)
+    records, problems = load_records(args.data, "eval")
     fmt = validate(records, problems, "auto", run.cfg.data.max_errors)
     if fmt not in SCORED:
         raise DataError([Problem(args.data, 0, "format", f"this is {fmt} data; score takes preference pairs, "

@@ -25,8 +25,9 @@ class PreparedData:
     read: dict = field(default_factory=dict)  # files read beside data.train / data.eval ({"train": [images]}): hashed
 
 
-def load_records(spec: str) -> tuple[list[Record], list[Problem]]:
-    return (load_builtin(spec), []) if is_builtin(spec) else read_records(spec)
+def load_records(spec: str, role: str = "train") -> tuple[list[Record], list[Problem]]:
+    """A built-in dataset or a file/folder; `role` 'eval' reads a DatasetDict folder's held-out split."""
+    return (load_builtin(spec), []) if is_builtin(spec) else read_records(spec, role)
 
 
 def seeded_sample(items: list, limit: int | None, seed: int, what: str, key: str, notes: list[str]) -> list:
@@ -48,12 +49,39 @@ def holdout_split(items: list, fraction: float, seed: int, notes: list[str]) -> 
 
 
 def _classes(records: list[Record], fmt: str) -> list:
-    """The training classes: class labels, or every tag of a token-classification set (sorted, ints first)."""
+    """The training classes: class labels, or every tag of a token-classification set (sorted, ints first).
+    1 and "1" in one file would be two classes for one meaning: refused."""
     values = {r.data["label"] for r in records} if fmt == "classification" else {t for r in records for t in r.data["tags"]}
+    by_text: dict[str, list] = {}
+    for v in values:
+        by_text.setdefault(str(v), []).append(v)
+    twice = sorted(k for k, vs in by_text.items() if len(vs) > 1)
+    if twice:
+        what = "label" if fmt == "classification" else "tag"
+        clash = by_text[twice[0]]
+        where = next(r for r in records if (r.data["label"] in clash if fmt == "classification"
+                                            else any(t in clash for t in r.data["tags"])))
+        raise DataError([Problem(where.source, where.line, what, f"{what} {twice[0]} is written both as a number and "
+                                                                 f"as text ({twice[0]!r}): one class written two ways; "
+                                                                 f"write every {what} the same way")])
     return sorted(values, key=lambda v: (isinstance(v, str), v))
 
 
+def _as_written_in_training(records: list[Record], fmt: str, index: dict) -> None:
+    """Labels read as text where training had numbers, or the other way round (a CSV eval file beside a JSONL
+    training file: CSV has no numbers), are the training's classes: "1" -> 1."""
+    by_text = {str(k): k for k in index}
+    for r in records:
+        if fmt == "classification":
+            v = r.data["label"]
+            if v not in index and str(v) in by_text:
+                r.data["label"] = by_text[str(v)]
+        else:
+            r.data["tags"] = [t if t in index or str(t) not in by_text else by_text[str(t)] for t in r.data["tags"]]
+
+
 def _unseen_classes(records: list[Record], fmt: str, index: dict, labels: list, what: str) -> list[Problem]:
+    _as_written_in_training(records, fmt, index)
     known = ", ".join(map(str, labels))
     if fmt == "classification":
         return [Problem(r.source, r.line, "label", f"label {r.data['label']!r} {what} (known: {known})")
@@ -79,7 +107,7 @@ def prepare_data(data_cfg, tok, objective, seed: int = 0) -> PreparedData:
     from ..chat_templates import use_chat_template
     template_note = use_chat_template(tok, getattr(data_cfg, "chat_template", None))  # data.chat_template
     train_recs, problems = load_records(data_cfg.train)
-    eval_recs, eval_problems = load_records(data_cfg.eval) if data_cfg.eval else ([], [])
+    eval_recs, eval_problems = load_records(data_cfg.eval, "eval") if data_cfg.eval else ([], [])
     fmt = validate(train_recs, problems + eval_problems, reading_format(data_cfg, objective), data_cfg.max_errors)
     if eval_recs:
         validate(eval_recs, [], fmt, data_cfg.max_errors)
@@ -131,7 +159,7 @@ def prepare_eval(spec: str, tok, data_cfg, objective, labels: list | None, modal
     if modality == "image":
         from ..vision.data import encode_images
         return encode_images(spec, data_cfg.image_size, {v: i for i, v in enumerate(labels)})[0]
-    records, problems = load_records(spec)
+    records, problems = load_records(spec, "eval")
     fmt = validate(records, problems, reading_format(data_cfg, objective), data_cfg.max_errors)
     if fmt not in objective.formats:
         raise DataError([Problem(spec, 0, "format", f"this is {fmt} data, but the run trained {objective.name} on "

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .formats import DataError, Problem, Record
+from .formats import DataError, Problem, Record, utf8_lines
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
 SHAREGPT_ROLES = {  # ShareGPT's `from` values (LLaMA-Factory's tags and the common variants) -> chat roles
@@ -43,10 +43,31 @@ def is_dataset_folder(path: Path) -> bool:
                                                                        "dataset_dict.json"))
 
 
-def read_table(path: Path) -> tuple[list[Record], list[Problem], str] | None:
-    """(records, problems, what was read) for a datasets folder or a Parquet/Arrow file; None for anything else."""
+EVAL_SPLITS = ("validation", "valid", "val", "dev", "test")
+
+
+def dict_split(splits, path: Path, role: str) -> str:
+    """The split of a DatasetDict folder that data.train (role 'train') or data.eval (role 'eval') reads: 'train',
+    or the first of EVAL_SPLITS there is; never the training rows for evaluation."""
+    if role == "train":
+        if "train" not in splits:
+            raise DataError([Problem(str(path), 0, "split", f"a DatasetDict without a 'train' split (splits: "
+                                                            f"{', '.join(sorted(splits))}); name one by its folder, e.g. "
+                                                            f"{path / sorted(splits)[0]}")])
+        return "train"
+    for name in EVAL_SPLITS:
+        if name in splits:
+            return name
+    raise DataError([Problem(str(path), 0, "split", f"as data.eval, a DatasetDict needs a held-out split ("
+                                                    f"{', '.join(EVAL_SPLITS)}); it has {', '.join(sorted(splits))}: "
+                                                    f"name the split's folder, e.g. {path / sorted(splits)[0]}")])
+
+
+def read_table(path: Path, role: str = "train") -> tuple[list[Record], list[Problem], str] | None:
+    """(records, problems, what was read) for a datasets folder or a Parquet/Arrow file; None for anything else.
+    `role` picks a DatasetDict's split (dict_split)."""
     if is_dataset_folder(path):
-        return _read_dataset_folder(path)
+        return _read_dataset_folder(path, role)
     if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
         return _read_arrow_file(path)
     return None
@@ -61,20 +82,34 @@ def _require(module: str, path: Path, what: str):
                                                        "pip install 'tunesmith[formats]'")]) from None
 
 
-def _read_dataset_folder(path: Path) -> tuple[list[Record], list[Problem], str]:
+def _read_dataset_folder(path: Path, role: str = "train") -> tuple[list[Record], list[Problem], str]:
     datasets = _require("datasets", path, "a Hugging Face datasets folder")
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, IndexError, KeyError, OSError) as e:  # a partial or foreign folder
+        raise DataError([Problem(str(path), 0, "file", f"looks like a datasets folder (it has dataset_info.json, "
+                                                       f"state.json or dataset_dict.json) but datasets cannot load it: "
+                                                       f"{type(e).__name__}: {e}")]) from None
     what = "Hugging Face datasets folder"
     if isinstance(loaded, datasets.DatasetDict):
-        splits = sorted(loaded)
-        if "train" not in loaded:
-            raise DataError([Problem(str(path), 0, "split", f"a DatasetDict without a 'train' split (splits: "
-                                                            f"{', '.join(splits)}); name one by its folder, e.g. "
-                                                            f"{path / splits[0]}")])
-        loaded = loaded["train"]
-        others = [s for s in splits if s != "train"]
-        what += " (split 'train'" + (f"; others: {', '.join(others)}, read as {path}/NAME" if others else "") + ")"
-    return _table_records(path, loaded.to_list()), [], what
+        split = dict_split(list(loaded), path, role)
+        others = [s for s in sorted(loaded) if s != split]
+        loaded = loaded[split]
+        what += f" (split '{split}'" + (f"; others: {', '.join(others)}, read as {path}/NAME" if others else "") + ")"
+    names = _class_names(loaded)
+    rows = loaded.to_list()
+    if names:  # a ClassLabel column holds ids; the names are what the user labelled with
+        for row in rows:
+            for column, labels in names.items():
+                if isinstance(row.get(column), int) and 0 <= row[column] < len(labels):
+                    row[column] = labels[row[column]]
+    return _table_records(path, rows), [], what
+
+
+def _class_names(dataset) -> dict[str, list[str]]:
+    """{column: names} of the dataset's ClassLabel columns."""
+    features = getattr(dataset, "features", None) or {}
+    return {k: list(f.names) for k, f in features.items() if type(f).__name__ == "ClassLabel" and getattr(f, "names", None)}
 
 
 def _read_arrow_file(path: Path) -> tuple[list[Record], list[Problem], str]:
@@ -110,13 +145,14 @@ def _drop_nulls(value):
 
 def read_json_array(path: Path) -> tuple[list[Record], list[Problem]]:
     """A .json file holding one array of objects: a record per element, `file[i]` at the line it starts on."""
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    text = "".join(line for _, line in utf8_lines(path))
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:
         return [], [Problem(str(path), e.lineno, "json", f"invalid JSON at column {e.colno}: {e.msg}")]
     if not isinstance(items, list):
-        return [], [Problem(str(path), 1, "json", f"expected an array of objects, got {type(items).__name__}")]
+        return [], [Problem(str(path), 1, "json", f"expected an array of objects or one object per line (JSONL), got "
+                                                  f"{'one object over several lines' if isinstance(items, dict) else type(items).__name__}")]
     records, problems = [], []
     for i, (item, line) in enumerate(zip(items, _element_lines(text))):
         where = f"{path}[{i}]"
@@ -241,6 +277,7 @@ def convert_rows(records: list[Record], problems: list[Problem], source: Path | 
         if kind is None:
             out.append(rec)
             continue
+        rec = Record(rec.source, rec.line, _drop_nulls(rec.data))  # "system": null is no system, as in a table
         data = sharegpt_to_chat(rec, problems, roles) if kind == "sharegpt" else alpaca_to_chat(rec, problems)
         if data is not None:
             counts[kind] += 1

@@ -12,16 +12,22 @@ import hashlib
 from pathlib import Path
 
 from .builtin import is_builtin
+from .formats import DataError
 
 HASH_LIMIT = 4 * 2**30
 
 
-def _files(path: Path) -> list[Path]:
+def _files(path: Path, role: str = "train") -> list[Path]:
     """A file, or a folder's files (sorted) without hidden ones or those in hidden folders (.git, .cache, ...),
-    which no loader reads."""
+    which no loader reads; of a DatasetDict folder, the split data.train / data.eval reads."""
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file() and (path / "train").is_dir():
-            return _files(path / "train")  # the split data/convert.py reads of a DatasetDict folder
+        if (path / "dataset_dict.json").is_file():
+            from .convert import dict_split
+            splits = [p.name for p in path.iterdir() if p.is_dir()]
+            try:
+                return _files(path / dict_split(splits, path, role))
+            except DataError:
+                return []  # reading it says what is wrong
         return sorted(p for p in path.rglob("*") if p.is_file()
                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
     return [path] if path.is_file() else []
@@ -47,13 +53,13 @@ def files_fingerprint(files: list[Path], root: Path | None = None, unnamed: Path
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def source_fingerprint(spec: str | None, also: list | tuple = ()) -> dict | None:
+def source_fingerprint(spec: str | None, also: list | tuple = (), role: str = "train") -> dict | None:
     """The fingerprint of a data file or folder and of the files `also` read beside it; None for a built-in
     dataset, nothing given, or a path that does not exist."""
     if not spec or is_builtin(spec):
         return None
     root = Path(spec)
-    files = _files(root)
+    files = _files(root, role)
     if not files:
         return None
     extra = sorted({Path(f) for f in also} - set(files))
@@ -86,7 +92,7 @@ def data_sources(data_cfg, read: dict | None = None) -> dict:
     """{"train": ..., "eval": ..., "weak": ...} fingerprints of what a run reads (None entries left out);
     `read` names files a loader read beside a spec ({"train": [image paths]})."""
     read = read or {}
-    found = {key: source_fingerprint(getattr(data_cfg, key, None), read.get(key, ())) for key in ("train", "eval")}
+    found = {key: source_fingerprint(getattr(data_cfg, key, None), read.get(key, ()), key) for key in ("train", "eval")}
     weak = getattr(data_cfg, "weak", None)
     if weak is not None:
         found["weak"] = files_fingerprint(_weak_files(list(weak.functions or [])))

@@ -57,16 +57,37 @@ class DataError(TunesmithError, ValueError):
         super().__init__(f"{total} problem(s) in the data:\n" + "\n".join(lines) + more + (f"\n{hint}" if hint else ""))
 
 
-def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
+def utf8_lines(path: Path):
+    """(line number, text) of each line of a UTF-8 file (a byte-order mark dropped). Text that is not UTF-8 is
+    a DataError naming the line, never characters silently replaced: a Latin-1 "Café" would train as "Caf\ufffd"."""
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if i == 1:
+                if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    raise DataError([Problem(str(path), 1, "encoding", "the file is UTF-16 (what PowerShell's `>` "
+                                                                       "writes); re-save it as UTF-8")])
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError([Problem(str(path), i, "encoding", f"byte {raw[e.start]:#04x} at column {e.start + 1} "
+                                                                   "is not UTF-8 (a file saved as Latin-1 or "
+                                                                   "Windows-1252?); re-save it as UTF-8")]) from None
+
+
+def read_records(path: str | Path, role: str = "train") -> tuple[list[Record], list[Problem]]:
     """Parse a .jsonl / .json / .csv / .parquet / .arrow file or a Hugging Face datasets folder (data/convert.py;
     ShareGPT and Alpaca rows become chat rows). Bad lines become problems, never exceptions. The records list
-    carries `.report`: one line saying what was read and mapped, when anything was."""
+    carries `.report`: one line saying what was read and mapped, when anything was. `role` ('train' or 'eval')
+    picks the split of a DatasetDict folder."""
     from .convert import convert_rows, read_json_array, read_table
     path = Path(path)
     if not path.exists():
         raise DataError([Problem(str(path), 0, "file", "not found")])
-    table = read_table(path)  # a datasets folder, Parquet or Arrow: read with their own libraries
+    table = read_table(path, role)  # a datasets folder, Parquet or Arrow: read with their own libraries
     if table is not None:
+        if not table[0] and not table[1]:
+            raise DataError([Problem(str(path), 0, "file", "has no rows")])
         return convert_rows(table[0], table[1], path, table[2]), table[1]
     if path.is_dir():
         raise DataError([Problem(str(path), 0, "file", "is a folder; give a JSONL, JSON, CSV, Parquet or Arrow file, "
@@ -77,31 +98,43 @@ def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
             problems = [Problem(str(path), 1, "file", "has a header but no rows" if path.stat().st_size else "is empty")]
         return records, problems
     records, problems = [], []
-    with path.open(encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not data
-        for i, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if not records and not problems and line.lstrip().startswith("["):  # one JSON array of records
-                records, problems = read_json_array(path)
-                return convert_rows(records, problems, path, "JSON array"), problems
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(Problem(str(path), i, "json", f"invalid JSON at column {e.colno}: {e.msg}"))
-                continue
-            if not isinstance(obj, dict):
-                problems.append(Problem(str(path), i, "json", f"expected an object {{...}}, got {type(obj).__name__}"))
-                continue
-            records.append(Record(str(path), i, obj))
+    for i, raw in utf8_lines(path):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if not records and not problems and line.lstrip().startswith(("[", "{")) and not _one_line_json(line):
+            records, problems = read_json_array(path)  # one JSON array (or object) over many lines
+            return convert_rows(records, problems, path, "JSON array"), problems
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(str(path), i, "json", f"invalid JSON at column {e.colno}: {e.msg}"))
+            continue
+        if not isinstance(obj, dict):
+            problems.append(Problem(str(path), i, "json", f"expected an object {{...}}, got {type(obj).__name__}"))
+            continue
+        records.append(Record(str(path), i, obj))
     if not records and not problems:
         problems.append(Problem(str(path), 0, "file", "is empty"))
     return convert_rows(records, problems, path), problems
 
 
+def _one_line_json(line: str) -> bool:
+    """Whether a line starting with '[' or '{' is a whole JSON value (JSONL), not the start of a multi-line one."""
+    if line.lstrip().startswith("["):
+        return False  # an array is never a JSONL record: read the file as one array
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as e:
+        return "Expecting" not in e.msg or e.pos < len(line.rstrip())  # cut off at the line's end: multi-line
+    return True
+
+
 def _read_csv(path: Path) -> tuple[list[Record], list[Problem]]:
     """text,label -> classification records; text,value -> regression records (label wins if both are there)."""
-    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
+    for _ in utf8_lines(path):  # a clear error for text that is not UTF-8, before csv reads it
+        pass
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         target = "label" if "label" in fields or "value" not in fields else "value"
@@ -168,6 +201,13 @@ def _check_chat(rec: Record, out: list[Problem]) -> None:
         if role not in ROLES:
             out.append(Problem(rec.source, rec.line, f"{where}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}"))
         content = m.get("content")
+        if isinstance(content, list) and content:  # OpenAI's content parts: text parts are read as one text
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                out.append(Problem(rec.source, rec.line, f"{where}.content", "only text content parts "
+                                   '({"type": "text", "text": ...}) can be trained on; images and audio cannot'))
+                continue
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str) or not content.strip():
             if not (role == "assistant" and m.get("tool_calls")):
                 out.append(Problem(rec.source, rec.line, f"{where}.content", "is empty" if content in ("", None)

@@ -26,7 +26,7 @@ import torch
 
 from . import tokenize
 from .formats import ROLES, DataError, Problem, Record
-from .tokenize import IGNORE, Encoded, _template_ids
+from .tokenize import IGNORE, Encoded, _clean_message, _common_prefix, _template_ids
 
 PREFERENCE_KEYS = ("chosen", "rejected", "preferred_output", "non_preferred_output")
 PROMPT_KEYS = ("prompt", "messages")  # where a prompt-only row keeps its prompt; the rest are its fields
@@ -189,15 +189,6 @@ class Pair:
         return isinstance(self.chosen, list)
 
 
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def as_pair(d: dict) -> Pair:
     """A validated preference row as a Pair; an implicit prompt is the common beginning of chosen and rejected
     (for text, a space where they part stays with the completions, as TRL's extract_prompt does)."""
@@ -234,7 +225,7 @@ def prompt_text(prompt: str | list) -> str:
 # ---- tokenisation -----------------------------------------------------------------------------------------
 
 def _clean(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+    return [_clean_message(m) for m in messages]
 
 
 def _need_template(tok) -> None:

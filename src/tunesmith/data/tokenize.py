@@ -31,24 +31,75 @@ def _template_ids(tok, messages, add_generation_prompt: bool) -> list[int]:
     return list(out)
 
 
-def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """ids and labels for a conversation: labels are the ids inside trained assistant turns, else -100."""
+def message_text(content) -> str:
+    """A message's content as text: a string, or OpenAI's list of content parts ({"type": "text", "text": ...})."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""
+
+
+def _clean_message(m: dict) -> dict:
+    """What the chat template reads: role, content as text, and the tool-call fields tools-aware templates render."""
+    out = {"role": m["role"], "content": message_text(m.get("content"))}
+    for key in ("tool_calls", "tool_call_id", "name"):
+        if m.get(key) is not None:
+            out[key] = m[key]
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_chat(tok, messages: list[dict], source: str = "tokenizer", line: int = 0) -> tuple[list[int], list[int]]:
+    """ids and labels for a conversation: labels are the ids inside trained assistant turns, else -100.
+
+    A turn starts at the first token that reaches past the prompt the template renders for generating it (its
+    generation prompt), even where the two tokenize differently: a prompt ending in a space that the reply's
+    first word absorbs ("assistant: " + "Sure" -> "ĠSure") still trains that word."""
     if not getattr(tok, "chat_template", None):
         raise DataError([Problem("tokenizer", 0, "chat_template", "this model's tokenizer has no chat template; "
                                                                   "set data.chat_template (chatml, llama3 or a "
                                                                   ".jinja file), or use prompt/completion or text data")])
-    clean = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+    clean = [_clean_message(m) for m in messages]
     ids = _template_ids(tok, clean, add_generation_prompt=False)
     labels = [IGNORE] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
-        start = len(_template_ids(tok, clean[:i], add_generation_prompt=True)) if i else 0
-        end = len(_template_ids(tok, clean[: i + 1], add_generation_prompt=False))
+        try:
+            prompt = _template_ids(tok, clean[:i], add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - a template that cannot render an empty conversation (a first turn)
+            if i:
+                raise
+            # what comes before the reply's text: where two replies of other texts stop sharing tokens
+            other = [{**clean[0], "content": "A"}], [{**clean[0], "content": "B"}]
+            prompt = ids[:_common_prefix(*(_template_ids(tok, o, add_generation_prompt=False) for o in other))]
+        start = _common_prefix(prompt, ids)
         prefix = _template_ids(tok, clean[: i + 1], add_generation_prompt=False)
-        if ids[:end] != prefix:
-            raise DataError([Problem("tokenizer", 0, "chat_template", "the chat template does not render conversations "
-                                                                      "prefix by prefix, so assistant turns cannot be located")])
+        end = len(prefix)
+        if ids[:end] != prefix or len(prompt) - start > 2:
+            raise DataError([Problem(source, line, "messages", "the chat template does not render conversations "
+                                                               "prefix by prefix, so assistant turns cannot be located; "
+                                                               "use another data.chat_template")])
+        if start < len(prompt):  # the prompt's last characters are tokenized with the reply's first ones
+            prompt_chars = len(tok.decode(prompt))
+            while start < end and len(tok.decode(ids[: start + 1])) <= prompt_chars:
+                start += 1  # tokens wholly inside the prompt's text ("\n" of a "\n\n" header) stay untrained
+        for call in m.get("tool_calls") or []:
+            name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
+            if name and name not in tok.decode(ids[start:end]):
+                raise DataError([Problem(source, line, f"messages[{i}].tool_calls", f"the chat template does not "
+                                                                                   f"render tool calls (no {name!r} in "
+                                                                                   "the assistant turn), so the call "
+                                                                                   "would be trained as an empty reply; "
+                                                                                   "use a tools-aware data.chat_template "
+                                                                                   "or leave such rows out")])
         labels[start:end] = ids[start:end]
     return ids, labels
 
@@ -109,7 +160,12 @@ def encode_record(tok, rec: Record, fmt: str, label_index: dict | None) -> dict:
         return {"input_ids": ids, "tags": tags}
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     if fmt == "chat":
-        ids, labels = encode_chat(tok, d["messages"])
+        from jinja2 import TemplateError
+        try:
+            ids, labels = encode_chat(tok, d["messages"], rec.source, rec.line)
+        except TemplateError as e:  # e.g. raise_exception() in Gemma's and Mistral's templates
+            raise DataError([Problem(rec.source, rec.line, "messages", f"the chat template refused this "
+                                                                       f"conversation: {e}")]) from None
     elif fmt == "prompt_completion":
         p = tok(d["prompt"], add_special_tokens=True)["input_ids"]
         c = tok(d["completion"], add_special_tokens=False)["input_ids"] + eos

@@ -79,7 +79,7 @@ def prepare_weak_data(data_cfg, tok, objective, seed: int = 0, log: Callable = p
     notes: list[str] = []
     eval_recs: list[Record] = []
     if data_cfg.eval:
-        eval_recs, eval_problems = load_records(data_cfg.eval)
+        eval_recs, eval_problems = load_records(data_cfg.eval, "eval")
         if validate(eval_recs, eval_problems, "auto", data_cfg.max_errors) != "classification":
             raise DataError([Problem(data_cfg.eval, 0, "label", "with data.weak the eval set needs gold labels "
                                                                 '({"text": ..., "label": ...}); or leave data.eval empty '
