@@ -163,3 +163,15 @@ def test_sharegpt_and_alpaca_nulls_mean_absent(tmp_path):
         {"instruction": "Add 2 and 2", "input": None, "output": "4"}])
     records, problems = read_records(f)
     assert not problems and [len(r.data["messages"]) for r in records] == [2, 2]
+
+
+def test_online_rl_prompts_from_sharegpt_and_what_an_alpaca_output_means_there(tmp_path):
+    from tunesmith.data import validate
+    f = write_jsonl(tmp_path / "q.jsonl", [{"conversations": [{"from": "human", "value": "What is 2+2?"}], "answer": "4"}])
+    records, problems = read_records(f)
+    assert validate(records, problems, "prompt_only") == "prompt_only" and records[0].data["answer"] == "4"
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "What is 2+2?", "output": "4"}])
+    records, problems = read_records(f)
+    with pytest.raises(DataError, match=r"a.jsonl:1: messages\[1\].role: the prompt ends with an assistant message "
+                                        r"\(e.g. an Alpaca row's output"):
+        validate(records, problems, "prompt_only")

@@ -50,15 +50,14 @@ def test_conversion_problems_name_the_line_and_the_users_own_field(tmp_path):
             {"instruction": "", "output": "x"}]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     records, problems = read_records(path)
-    assert len(records) == 1
+    assert len(records) == 2  # line 4, a question alone, is a prompt (online RL) but nothing to learn for SFT
     assert [str(p) for p in problems] == [
         f"{path}:2: conversations[1].from: unknown role 'wizard'; ShareGPT roles: human, gpt, system, function_call, "
         "observation (or user, assistant, tool)",
         f"{path}:3: conversations[1].value: is empty",
-        f"{path}:4: conversations: no gpt (assistant) turn: there is nothing to learn",
         f"{path}:5: output: expected text, got list; rows whose output is a list (ranking data) are preference data",
         f"{path}:6: instruction: is empty"]
-    with pytest.raises(DataError, match="5 problem"):
+    with pytest.raises(DataError, match=f"(?s)5 problem.*{path}:4: messages: no assistant message: there is nothing to learn"):
         validate(records, problems)
 
 
@@ -192,6 +191,15 @@ def test_a_template_file_and_bad_choices(bare_lm, tmp_path):
     (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")
     with pytest.raises(ConfigError, match="broken.jinja does not render a conversation"):
         use_chat_template(tok, str(tmp_path / "broken.jinja"))
+    (tmp_path / "empty.jinja").write_text("\n")
+    with pytest.raises(ConfigError, match="empty.jinja is empty"):
+        use_chat_template(tok, str(tmp_path / "empty.jinja"))
+    (tmp_path / "latin1.jinja").write_bytes("{# café #}{{ messages[0].content }}".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.jinja is not UTF-8 text .* re-save it as UTF-8"):
+        use_chat_template(tok, str(tmp_path / "latin1.jinja"))
+    (tmp_path / "roles.jinja").write_text("{% for m in messages %}<{{ m.role }}>{% endfor %}")
+    with pytest.raises(ConfigError, match="roles.jinja does not write the messages' content"):
+        use_chat_template(tok, str(tmp_path / "roles.jinja"))
 
 
 @pytest.mark.parametrize("adapter", ["lora", "none"])

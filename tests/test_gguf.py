@@ -191,6 +191,24 @@ def test_cli_export_and_its_errors(lora_run, tmp_path, capsys):
     assert "is not a GGUF file" in capsys.readouterr().err and (lora_run / "config.yaml").read_bytes() == config
     assert main(["export", str(lora_run), "--gguf", str(out), "--lora-gguf", str(out), "--overwrite"]) == 2
     assert "name the same file" in capsys.readouterr().err
+    assert main(["export", str(lora_run), "--gguf", str(tmp_path / "new") + "/"]) == 2  # a folder path, not a file
+    assert "is a folder; give a file path" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert main(["export", str(tmp_path / "no run"), "--lora-gguf", str(tmp_path / "a.gguf")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_no_temporary_file_or_new_folder(tmp_path):
+    from tunesmith.export.gguf_model import temp_beside
+    out = tmp_path / "made" / "for it" / "m.gguf"
+    with pytest.raises(RuntimeError), temp_beside(out) as tmp:
+        assert tmp.exists()
+        raise RuntimeError("e.g. a tokenizer GGUF cannot carry")
+    assert not (tmp_path / "made").exists() and list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("x")
+    with pytest.raises(RuntimeError), temp_beside(tmp_path / "kept" / "m.gguf"):
+        raise RuntimeError
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["mine.txt"]
 
 
 def test_exports_to_one_path_never_share_a_temporary_file_and_kept_f16_matrices_are_said(tmp_path):
@@ -200,8 +218,9 @@ def test_exports_to_one_path_never_share_a_temporary_file_and_kept_f16_matrices_
     from tunesmith.export import export_gguf
     from tunesmith.export.gguf_model import temp_beside
     from tunesmith.models import load_tokenizer
-    a, b = temp_beside(tmp_path / "out.gguf"), temp_beside(tmp_path / "out.gguf")
-    assert a != b and a.parent == b.parent == tmp_path and a.name.startswith(".out.gguf.")
+    with temp_beside(tmp_path / "out.gguf") as a, temp_beside(tmp_path / "out.gguf") as b:
+        assert a != b and a.parent == b.parent == tmp_path and a.name.startswith(".out.gguf.")
+    assert not a.exists() and not b.exists()
     tok = load_tokenizer("smollm2-135m-instruct")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1,

@@ -42,7 +42,15 @@ def resolve_chat_template(spec: str) -> str:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ConfigError(f"data.chat_template: {spec} not found; give chatml, llama3 or a path to a .jinja file")
-    return path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data.chat_template: {spec} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); re-save it as UTF-8") from None
+    if not text.strip():
+        raise ConfigError(f"data.chat_template: {spec} is empty; write a Jinja chat template in it, or use chatml or "
+                          "llama3")
+    return text
 
 
 def use_chat_template(tok, spec: str | None) -> str | None:
@@ -53,11 +61,14 @@ def use_chat_template(tok, spec: str | None) -> str | None:
     had = bool(getattr(tok, "chat_template", None))
     tok.chat_template = text
     try:  # a broken template fails here, naming the setting, not deep inside the data pipeline
-        tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-                                tokenize=False)
+        rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                              "content": "hello there"}], tokenize=False)
     except Exception as e:  # noqa: BLE001 - Jinja raises many kinds
         raise ConfigError(f"data.chat_template: {spec} does not render a conversation ({type(e).__name__}: {e})") \
             from None
+    if "hello there" not in rendered:
+        raise ConfigError(f"data.chat_template: {spec} does not write the messages' content (a user 'hi' and an "
+                          f"assistant 'hello there' render as {rendered[:120]!r}); use {{{{ message['content'] }}}}")
     missing = [m for m in TURN_ENDS if m in text and not is_single_token(tok, m)]
     return (f"chat template: {spec} (data.chat_template{', replacing the tokenizer' + chr(39) + 's own' if had else ''})"
             + (f"; {', '.join(missing)} is not a token of this vocabulary, so it is learned as text" if missing else ""))

@@ -28,7 +28,7 @@ def cmd_export(args) -> int:
     for out in (args.gguf, args.lora_gguf):
         if not out:
             continue
-        if Path(out).is_dir():
+        if Path(out).is_dir() or out.endswith(("/", "\\")):
             raise TunesmithError(f"{out} is a folder; give a file path, e.g. {Path(out) / 'model.gguf'}")
         if Path(out).exists() and not args.overwrite:
             raise TunesmithError(f"{out} exists; pass --overwrite to replace it")

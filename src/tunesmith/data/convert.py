@@ -233,11 +233,8 @@ def sharegpt_to_chat(rec: Record, out: list[Problem], seen_roles: dict) -> dict 
         if role == "assistant" and "weight" in turn:
             message["weight"] = turn["weight"]
         messages.append(message)
-    if not problems and not any(m["role"] == "assistant" for m in messages):
-        problems.append(Problem(rec.source, rec.line, "conversations", "no gpt (assistant) turn: there is nothing "
-                                                                       "to learn"))
-    out.extend(problems)
-    return None if problems else {"messages": messages}
+    out.extend(problems)  # no gpt turn: a prompt (online RL) or nothing to learn (SFT): the format's check says
+    return None if problems else {"messages": messages, **_extra(d, ("conversations", "system"))}
 
 
 def alpaca_to_chat(rec: Record, out: list[Problem]) -> dict | None:
@@ -265,7 +262,12 @@ def alpaca_to_chat(rec: Record, out: list[Problem]) -> dict | None:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     prompt = d["instruction"] + ("\n" + d["input"] if (d.get("input") or "").strip() else "")
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": d["output"]}]
-    return {"messages": messages}
+    return {"messages": messages, **_extra(d, ("instruction", "input", "output", "system", "history"))}
+
+
+def _extra(row: dict, consumed: tuple[str, ...]) -> dict:
+    """A row's other fields, kept: online RL passes them to reward functions (e.g. a reference `answer`)."""
+    return {k: v for k, v in row.items() if k not in consumed}
 
 
 def convert_rows(records: list[Record], problems: list[Problem], source: Path | str, what: str = "") -> Records:

@@ -171,7 +171,9 @@ def check_prompt_only(rec: Record, out: list[Problem]) -> None:
         _check_text(rec, key, value, out)
     elif _check_messages(rec, key, value, out) and value[-1].get("role") == "assistant":
         out.append(Problem(rec.source, rec.line, f"{key}[{len(value) - 1}].role",
-                           "the prompt ends with an assistant message; end it with the turn the model answers"))
+                           "the prompt ends with an assistant message (e.g. an Alpaca row's output, a ShareGPT "
+                           "gpt turn); online RL samples the reply itself: end it with the turn the model answers, "
+                           "and give a reference answer as its own field (e.g. 'answer') for the reward function"))
 
 
 # ---- normalised rows --------------------------------------------------------------------------------------

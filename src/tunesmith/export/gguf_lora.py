@@ -92,16 +92,16 @@ def write_lora_gguf(adapter_dir: Path, base_config, out: Path, kind: str = "f16"
     alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
     tensors = lora_gguf_tensors(lora_pairs(weights, cfg), hp, alpha)
     out = Path(out)
-    tmp = temp_beside(out)
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    writer.add_name(name or out.stem)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.ALL_F32)
-    for tensor_name, value in tensors.items():
-        writer.add_tensor(tensor_name, value.numpy().astype(np.float16 if kind == "f16" else np.float32))
-    finish_file(writer, tmp, out)
+    with temp_beside(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_name(name or out.stem)
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.ALL_F32)
+        for tensor_name, value in tensors.items():
+            writer.add_tensor(tensor_name, value.numpy().astype(np.float16 if kind == "f16" else np.float32))
+        finish_file(writer, tmp, out)
     log(f"wrote {out} (GGUF LoRA, {len(tensors) // 2} adapted matrices, alpha {alpha:g}, {kind}; apply it with "
         f"llama.cpp's --lora on the base model's GGUF)")
     return out

@@ -10,6 +10,8 @@ Written with the gguf package as llama.cpp's own convert_hf_to_gguf.py writes th
 """
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import numpy as np
@@ -95,34 +97,34 @@ def write_llama_gguf(model, tok, out: Path, kind: str = "f16", name: str = "", s
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "f32": gguf.LlamaFileType.ALL_F32}[kind]
     out = Path(out)
-    tmp = temp_beside(out)
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name or out.stem)
-    writer.add_block_count(hp["blocks"])
-    writer.add_context_length(hp["context"])
-    writer.add_embedding_length(hp["embedding"])
-    writer.add_feed_forward_length(hp["ffn"])
-    writer.add_head_count(hp["heads"])
-    writer.add_head_count_kv(hp["kv_heads"])
-    writer.add_rope_freq_base(hp["rope_theta"])
-    writer.add_layer_norm_rms_eps(hp["rms_eps"])
-    writer.add_vocab_size(hp["vocab"])
-    writer.add_rope_dimension_count(hp["head_dim"])
-    if hp["head_dim"] != hp["embedding"] // hp["heads"]:
-        writer.add_key_length(hp["head_dim"])
-        writer.add_value_length(hp["head_dim"])
-    writer.add_file_type(file_type)
-    if kind == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    origin = write_tokenizer(writer, tok, hp["vocab"], source_gguf)
-    kept = []
-    for tensor_name, value in tensors.items():
-        data, raw = encode_tensor(value.numpy(), kind)
-        writer.add_tensor(tensor_name, data, raw_dtype=raw)
-        if kind == "q8_0" and value.dim() > 1 and raw != gguf.GGMLQuantizationType.Q8_0:
-            kept.append(tensor_name)
-    finish_file(writer, tmp, out)
+    with temp_beside(out) as tmp:  # a failure below leaves no temporary file or new folder behind
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or out.stem)
+        writer.add_block_count(hp["blocks"])
+        writer.add_context_length(hp["context"])
+        writer.add_embedding_length(hp["embedding"])
+        writer.add_feed_forward_length(hp["ffn"])
+        writer.add_head_count(hp["heads"])
+        writer.add_head_count_kv(hp["kv_heads"])
+        writer.add_rope_freq_base(hp["rope_theta"])
+        writer.add_layer_norm_rms_eps(hp["rms_eps"])
+        writer.add_vocab_size(hp["vocab"])
+        writer.add_rope_dimension_count(hp["head_dim"])
+        if hp["head_dim"] != hp["embedding"] // hp["heads"]:
+            writer.add_key_length(hp["head_dim"])
+            writer.add_value_length(hp["head_dim"])
+        writer.add_file_type(file_type)
+        if kind == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        origin = write_tokenizer(writer, tok, hp["vocab"], source_gguf)
+        kept = []
+        for tensor_name, value in tensors.items():
+            data, raw = encode_tensor(value.numpy(), kind)
+            writer.add_tensor(tensor_name, data, raw_dtype=raw)
+            if kind == "q8_0" and value.dim() > 1 and raw != gguf.GGMLQuantizationType.Q8_0:
+                kept.append(tensor_name)
+        finish_file(writer, tmp, out)
     log(f"wrote {out} ({kind}, {len(tensors)} tensors, {out.stat().st_size / 2**20:.1f} MiB; {origin})")
     if kept:
         matrices = sum(1 for v in tensors.values() if v.dim() > 1)
@@ -131,14 +133,29 @@ def write_llama_gguf(model, tok, out: Path, kind: str = "f16", name: str = "", s
     return out
 
 
-def temp_beside(out: Path) -> Path:
-    """A fresh temporary file in `out`'s folder (created with it): two exports to one path never share one."""
+@contextlib.contextmanager
+def temp_beside(out: Path):
+    """A fresh temporary file in `out`'s folder (two exports to one path never share one), the folder made if
+    missing; on any error the file, and the folders made for it, are gone again."""
     import os
     import tempfile
+    made = [p for p in out.parents if not p.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    return Path(name)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def finish_file(writer, tmp: Path, out: Path) -> None:
