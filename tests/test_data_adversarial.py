@@ -175,3 +175,10 @@ def test_online_rl_prompts_from_sharegpt_and_what_an_alpaca_output_means_there(t
     with pytest.raises(DataError, match=r"a.jsonl:1: messages\[1\].role: the prompt ends with an assistant message "
                                         r"\(e.g. an Alpaca row's output"):
         validate(records, problems, "prompt_only")
+
+
+def test_an_empty_saved_dataset_says_it_has_no_rows(tmp_path):
+    from datasets import Dataset
+    Dataset.from_dict({"text": [], "label": []}).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="empty:0: file: has no rows"):
+        read_records(tmp_path / "empty")

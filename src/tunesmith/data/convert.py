@@ -87,6 +87,8 @@ def _read_dataset_folder(path: Path, role: str = "train") -> tuple[list[Record],
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, IndexError, KeyError, OSError) as e:  # a partial or foreign folder
+        if _no_data_files(path):  # what save_to_disk writes for an empty dataset, which load_from_disk cannot read
+            raise DataError([Problem(str(path), 0, "file", "has no rows")]) from None
         raise DataError([Problem(str(path), 0, "file", f"looks like a datasets folder (it has dataset_info.json, "
                                                        f"state.json or dataset_dict.json) but datasets cannot load it: "
                                                        f"{type(e).__name__}: {e}")]) from None
@@ -104,6 +106,13 @@ def _read_dataset_folder(path: Path, role: str = "train") -> tuple[list[Record],
                 if isinstance(row.get(column), int) and 0 <= row[column] < len(labels):
                     row[column] = labels[row[column]]
     return _table_records(path, rows), [], what
+
+
+def _no_data_files(path: Path) -> bool:
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _class_names(dataset) -> dict[str, list[str]]:
