@@ -23,6 +23,7 @@ from .adapters.config import config_to_dict as adapter_to_dict
 from .configbuild import build
 from .devices import DEVICE_CHOICES
 from .errors import ConfigError, closest
+from .overrides import apply_overrides, parse_override, set_values  # noqa: F401 - the config API
 
 
 def objective_types() -> tuple[str, ...]:
@@ -463,71 +464,6 @@ def config_to_dict(cfg: RunConfig) -> dict:
         else:
             out[name] = dataclasses.asdict(value)
     return out
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply command-line 'section.key=value' strings to a raw config dict (see `parse_override`)."""
-    return set_values(data, dict(parse_override(item) for item in overrides))
-
-
-def set_values(data: dict, values: dict[str, Any]) -> dict:
-    """A copy of the raw config dict with {'section.key': value} set: values are used as they are, never
-    re-parsed (code passes values; only the command line has a syntax)."""
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for path, value in values.items():
-        keys = path.strip().split(".")
-        node = data
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
-    return data
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """'section.key=value' -> ('section.key', value). A text field takes the value as written, so a path may
-    hold spaces, ' #' or ':' (wrap it in quotes to keep surrounding spaces); `null` clears an optional field;
-    numbers, booleans, and lists or mappings ([q_proj, v_proj], {a: 1}) are read as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. training.lr=2e-4")
-    path, raw = item.split("=", 1)
-    path, text = path.strip(), raw.strip()
-    annotation = _field_annotation(path.split("."))
-    if _takes_text(annotation) and not text.startswith(("[", "{")):
-        if text in ("null", "~") and type(None) in typing.get_args(annotation):
-            return path, None
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            return path, text[1:-1]
-        return path, text
-    try:
-        return path, yaml.safe_load(raw) if text else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: cannot read {raw!r} ({getattr(e, 'problem', e)}); quote text values") from None
-
-
-def _field_annotation(keys: list[str]) -> Any:
-    """The annotated type of config field section.key (for the adapter: of any adapter kind), or None."""
-    if len(keys) != 2:
-        return None
-    section, key = keys
-    if section == "adapter":
-        from .adapters.config import KINDS
-        if key == "kind":
-            return str
-        return next((typing.get_type_hints(c)[key] for c in KINDS.values() if key in typing.get_type_hints(c)), None)
-    cls = typing.get_type_hints(RunConfig).get(section)
-    return typing.get_type_hints(cls).get(key) if dataclasses.is_dataclass(cls) else None
-
-
-def _takes_text(annotation: Any) -> bool:
-    """A str field, an optional one, a text-or-list one (targets), or a choice of words."""
-    if annotation is str:
-        return True
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is Literal:
-        return all(isinstance(a, str) for a in args)
-    return str in args
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
