@@ -182,3 +182,13 @@ def test_an_empty_saved_dataset_says_it_has_no_rows(tmp_path):
     Dataset.from_dict({"text": [], "label": []}).save_to_disk(str(tmp_path / "empty"))
     with pytest.raises(DataError, match="empty:0: file: has no rows"):
         read_records(tmp_path / "empty")
+
+
+def test_preference_completions_with_tool_calls_the_template_drops_are_refused(tok):
+    from tunesmith.data.preference import encode_records as encode_preference
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}
+    rec = Record("pairs.jsonl", 2, {"prompt": [{"role": "user", "content": "Weather?"}], "chosen": [call],
+                                    "rejected": [{"role": "assistant", "content": "No idea."}]})
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: chosen\[0\].tool_calls: the chat template does not render"):
+        encode_preference(tok, [rec], "preference", 256)

@@ -245,7 +245,8 @@ def encode_prompt(tok, prompt: str | list) -> list[int]:
     return tok(prompt, add_special_tokens=True)["input_ids"]
 
 
-def encode_completion(tok, prompt: str | list, completion: str | list) -> tuple[list[int], list[int]]:
+def encode_completion(tok, prompt: str | list, completion: str | list, source: str = "", line: int = 0,
+                      side: str = "completion") -> tuple[list[int], list[int]]:
     """ids and labels of prompt + completion, labels on the completion only (-100 on the prompt).
 
     Conversational: the completion is what the chat template adds after the prompt's opened assistant turn
@@ -255,6 +256,8 @@ def encode_completion(tok, prompt: str | list, completion: str | list) -> tuple[
         p = encode_prompt(tok, prompt)
         ids = _template_ids(tok, _clean(prompt + completion), add_generation_prompt=False)
         k = _common_prefix(p, ids)
+        for j, m in enumerate(completion):
+            tokenize.check_tool_calls(tok, m, ids[k:], source, line, f"{side}[{j}].tool_calls")
         return ids, [IGNORE] * k + ids[k:]
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     p = encode_prompt(tok, prompt) if prompt else []
@@ -262,10 +265,10 @@ def encode_completion(tok, prompt: str | list, completion: str | list) -> tuple[
     return p + c, [IGNORE] * len(p) + c
 
 
-def encode_pair(tok, pair: Pair) -> dict:
+def encode_pair(tok, pair: Pair, source: str = "", line: int = 0) -> dict:
     """A pair as one example: the chosen sequence as input_ids/labels, the rejected one beside it."""
-    c_ids, c_labels = encode_completion(tok, pair.prompt, pair.chosen)
-    r_ids, r_labels = encode_completion(tok, pair.prompt, pair.rejected)
+    c_ids, c_labels = encode_completion(tok, pair.prompt, pair.chosen, source, line, "chosen")
+    r_ids, r_labels = encode_completion(tok, pair.prompt, pair.rejected, source, line, "rejected")
     return {"input_ids": c_ids, "labels": c_labels, "rejected_input_ids": r_ids, "rejected_labels": r_labels,
             "margin": pair.margin}
 
@@ -300,7 +303,7 @@ def encode_records(tok, records: list[Record], fmt: str, max_length: int, overlo
                 ex["input_ids"] = ex["input_ids"][-max_length:]
             out.examples.append(ex)
             continue
-        ex = encode_pair(tok, as_pair(rec.data))
+        ex = encode_pair(tok, as_pair(rec.data), rec.source, rec.line)
         if max(len(ex["input_ids"]), len(ex["rejected_input_ids"])) > max_length:
             if overlong == "drop":
                 out.dropped += 1

@@ -91,17 +91,20 @@ def encode_chat(tok, messages: list[dict], source: str = "tokenizer", line: int 
             prompt_chars = len(tok.decode(prompt))
             while start < end and len(tok.decode(ids[: start + 1])) <= prompt_chars:
                 start += 1  # tokens wholly inside the prompt's text ("\n" of a "\n\n" header) stay untrained
-        for call in m.get("tool_calls") or []:
-            name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
-            if name and name not in tok.decode(ids[start:end]):
-                raise DataError([Problem(source, line, f"messages[{i}].tool_calls", f"the chat template does not "
-                                                                                   f"render tool calls (no {name!r} in "
-                                                                                   "the assistant turn), so the call "
-                                                                                   "would be trained as an empty reply; "
-                                                                                   "use a tools-aware data.chat_template "
-                                                                                   "or leave such rows out")])
+        check_tool_calls(tok, m, ids[start:end], source, line, f"messages[{i}].tool_calls")
         labels[start:end] = ids[start:end]
     return ids, labels
+
+
+def check_tool_calls(tok, message: dict, trained: list[int], source: str, line: int, where: str) -> None:
+    """A tool call the chat template does not write would be trained as an empty reply: refused."""
+    for call in message.get("tool_calls") or []:
+        name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
+        if name and name not in tok.decode(trained):
+            raise DataError([Problem(source, line, where, f"the chat template does not render tool calls (no {name!r} "
+                                                          "in the assistant turn), so the call would be trained as an "
+                                                          "empty reply; use a tools-aware data.chat_template or leave "
+                                                          "such rows out")])
 
 
 def encode_word_tags(tok, rec: Record, label_index: dict) -> tuple[list[int], list[int]]:
