@@ -269,8 +269,11 @@ def test_resume_refuses_a_training_file_edited_in_place(tmp_path, encoder_dir):
         info_file.write_text(json.dumps({**info, "data_sources": bad}))
         with pytest.raises(ConfigError, match="run.json: data_sources is malformed"):
             train(cfg, resume=True, **QUIET)
-    info_file.write_text(json.dumps(info))
     data.write_text(original)  # restored (a new mtime, the same content)
+    from tunesmith.data.fingerprint import legacy_fingerprint
+    legacy = legacy_fingerprint(str(data))  # as runs started before the hash left out a file's name kept it
+    assert legacy["sha256"] != info["data_sources"]["train"]["sha256"]
+    info_file.write_text(json.dumps({**info, "data_sources": {"train": legacy}}))
     assert train(cfg, resume=True, **QUIET)["steps"] == 4
 
 

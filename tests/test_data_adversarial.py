@@ -192,3 +192,25 @@ def test_preference_completions_with_tool_calls_the_template_drops_are_refused(t
                                     "rejected": [{"role": "assistant", "content": "No idea."}]})
     with pytest.raises(DataError, match=r"pairs.jsonl:2: chosen\[0\].tool_calls: the chat template does not render"):
         encode_preference(tok, [rec], "preference", 256)
+
+
+def test_a_turn_rendered_shorter_than_its_generation_prompt_still_trains_its_first_word(tok):
+    """The generation prompt ends '<assistant>\\n\\n' but turns render '<assistant>\\n' + text: the reply starts
+    where the text leaves the prompt's characters, not after as many characters as the prompt has."""
+    plain = tok.chat_template
+    try:
+        tok.chat_template = ("{% for m in messages %}<{{ m.role }}>\n{{ m.content }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}<assistant>\n\n{% endif %}")
+        assert trained_text(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x y"}]) == "x y\n"
+    finally:
+        tok.chat_template = plain
+
+
+def test_a_jsonl_whose_first_line_is_broken_keeps_its_other_rows_and_cr_line_ends_are_lines(tmp_path):
+    f = tmp_path / "cut.jsonl"
+    f.write_text('{"text": \n{"text": "hello"}\n{"text": "world"}\n')
+    records, problems = read_records(f)
+    assert [r.data["text"] for r in records] == ["hello", "world"] and [p.line for p in problems] == [1]
+    f.write_bytes(b'{"text": "a"}\r{"text": "b"}\r')  # classic Mac line ends
+    records, problems = read_records(f)
+    assert not problems and [(r.line, r.data["text"]) for r in records] == [(1, "a"), (2, "b")]

@@ -122,3 +122,21 @@ def test_plain_path_where_fused_does_not_apply(case):
     assert "LoraLinearBackward" not in fns
     torch.testing.assert_close(y1, y0)
     torch.testing.assert_close(gx1, gx0)
+
+
+def test_the_output_may_be_changed_in_place():
+    """Models add a residual into a linear's output in place (Gemma's audio layers: `h += residual`)."""
+    model = lora_net()
+    x = x3d()
+    outs = []
+    for fused in (True, False):
+        old, lora_fused.ENABLED = lora_fused.ENABLED, fused
+        try:
+            xi = x.clone().requires_grad_(True)
+            y = model.up(xi)
+            y.mul_(2).add_(1)
+            y.sum().backward()
+            outs.append((y.detach(), xi.grad))
+        finally:
+            lora_fused.ENABLED = old
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)

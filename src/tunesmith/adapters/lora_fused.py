@@ -9,7 +9,6 @@ Same math as the plain path (tests/test_lora_fused.py); LoraLayer.forward uses i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ENABLED = True  # tests flip this to compare against the plain path
@@ -41,12 +40,18 @@ class LoraLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             wc, ac, bc = w.to(dtype), a.to(dtype), b.to(dtype)
             xa = x2 @ ac.t()
-            y = F.linear(x2, wc, None if bias is None else bias.to(dtype))
-            y.addmm_(xa, bc.t(), alpha=s)
+            # written into a tensor of the output's shape: a returned view could not be changed in place after
+            y = torch.empty(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)
+            y2 = y.view(-1, w.shape[0])
+            if bias is None:
+                torch.mm(x2, wc.t(), out=y2)
+            else:
+                torch.addmm(bias.to(dtype), x2, wc.t(), out=y2)
+            y2.addmm_(xa, bc.t(), alpha=s)
         ctx.save_for_backward(x2, xa, wc, ac, bc)
         ctx.s, ctx.x_shape, ctx.x_dtype = s, x.shape, x.dtype
         ctx.dtypes = (a.dtype, b.dtype, None if bias is None else bias.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, gy):

@@ -70,6 +70,23 @@ def source_fingerprint(spec: str | None, also: list | tuple = (), role: str = "t
     return files_fingerprint(files + extra, root.parent, unnamed=root)
 
 
+def legacy_fingerprint(spec: str | None, also: list | tuple = ()) -> dict | None:
+    """The hash runs started before 2026-11-28 21:50 kept: a single file's name included, a DatasetDict folder
+    whole. --resume accepts it too, so those runs resume."""
+    if not spec or is_builtin(spec):
+        return None
+    root = Path(spec)
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    else:
+        files = [root] if root.is_file() else []
+    if not files:
+        return None
+    extra = sorted({Path(f) for f in also} - set(files))
+    return files_fingerprint(files + extra, root if root.is_dir() else root.parent)
+
+
 def _weak_files(functions: list[str]) -> list[Path]:
     """The rules files and Python files data.weak.functions names (module:function resolved to its file)."""
     import importlib.util

@@ -60,6 +60,7 @@ class DataError(TunesmithError, ValueError):
 def utf8_lines(path: Path):
     """(line number, text) of each line of a UTF-8 file (a byte-order mark dropped). Text that is not UTF-8 is
     a DataError naming the line, never characters silently replaced: a Latin-1 "Café" would train as "Caf\ufffd"."""
+    n = 0
     with path.open("rb") as f:
         for i, raw in enumerate(f, start=1):
             if i == 1:
@@ -68,11 +69,21 @@ def utf8_lines(path: Path):
                                                                        "writes); re-save it as UTF-8")])
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
-                yield i, raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError([Problem(str(path), i, "encoding", f"byte {raw[e.start]:#04x} at column {e.start + 1} "
+                raise DataError([Problem(str(path), n + 1, "encoding", f"byte {raw[e.start]:#04x} at column {e.start + 1} "
                                                                    "is not UTF-8 (a file saved as Latin-1 or "
                                                                    "Windows-1252?); re-save it as UTF-8")]) from None
+            if "\r" not in text.rstrip("\r\n"):
+                n += 1
+                yield n, text
+                continue
+            # a lone CR ends a line too (classic Mac files), as text mode reads it
+            pieces = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+            for j, piece in enumerate(pieces):
+                if j < len(pieces) - 1 or piece:
+                    n += 1
+                    yield n, piece + ("\n" if j < len(pieces) - 1 else "")
 
 
 def read_records(path: str | Path, role: str = "train") -> tuple[list[Record], list[Problem]]:
@@ -102,7 +113,7 @@ def read_records(path: str | Path, role: str = "train") -> tuple[list[Record], l
         line = raw.rstrip("\r\n")
         if not line.strip():
             continue
-        if not records and not problems and line.lstrip().startswith(("[", "{")) and not _one_line_json(line):
+        if not records and not problems and (line.lstrip().startswith("[") or _one_object_file(path, line)):
             records, problems = read_json_array(path)  # one JSON array (or object) over many lines
             return convert_rows(records, problems, path, "JSON array"), problems
         try:
@@ -119,15 +130,20 @@ def read_records(path: str | Path, role: str = "train") -> tuple[list[Record], l
     return convert_rows(records, problems, path), problems
 
 
-def _one_line_json(line: str) -> bool:
-    """Whether a line starting with '[' or '{' is a whole JSON value (JSONL), not the start of a multi-line one."""
-    if line.lstrip().startswith("["):
-        return False  # an array is never a JSONL record: read the file as one array
+def _one_object_file(path: Path, first_line: str) -> bool:
+    """A first line that opens an object but is not a whole one, in a file that is one JSON object (pretty-printed
+    by hand, not JSONL): said as such instead of one error per line. A JSONL file with a broken first line is not."""
+    if not first_line.lstrip().startswith("{"):
+        return False
     try:
-        json.loads(line)
-    except json.JSONDecodeError as e:
-        return "Expecting" not in e.msg or e.pos < len(line.rstrip())  # cut off at the line's end: multi-line
-    return True
+        json.loads(first_line)
+        return False
+    except json.JSONDecodeError:
+        pass
+    try:
+        return isinstance(json.loads("".join(line for _, line in utf8_lines(path))), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_csv(path: Path) -> tuple[list[Record], list[Problem]]:

@@ -88,8 +88,8 @@ def encode_chat(tok, messages: list[dict], source: str = "tokenizer", line: int 
                                                                "prefix by prefix, so assistant turns cannot be located; "
                                                                "use another data.chat_template")])
         if start < len(prompt):  # the prompt's last characters are tokenized with the reply's first ones
-            prompt_chars = len(tok.decode(prompt))
-            while start < end and len(tok.decode(ids[: start + 1])) <= prompt_chars:
+            prompt_text = tok.decode(prompt)
+            while start < end and prompt_text.startswith(tok.decode(ids[: start + 1])):
                 start += 1  # tokens wholly inside the prompt's text ("\n" of a "\n\n" header) stay untrained
         check_tool_calls(tok, m, ids[start:end], source, line, f"messages[{i}].tool_calls")
         labels[start:end] = ids[start:end]

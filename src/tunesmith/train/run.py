@@ -216,18 +216,20 @@ def _same_paths(old: dict, new: dict, run_dir: Path) -> None:
             new[section][key] = was
 
 
-def _check_resume_data(run_dir: Path, info: RunInfo, data_cfg) -> None:
+def _check_resume_data(run_dir: Path, info: RunInfo, data_cfg, read: dict | None = None) -> None:
     """The data read now must give the run the same classes and target scale it trained with: a training file
     edited in place would silently re-map the head's outputs."""
     from ..runinfo import RUN_JSON, read_run_info
     if not (run_dir / RUN_JSON).exists():
         return
     saved = read_run_info(run_dir)
-    from ..data.fingerprint import changed_sources
+    from ..data.fingerprint import changed_sources, legacy_fingerprint
     try:
         changed = changed_sources(saved.data_sources, info.data_sources)
     except ValueError as e:
         raise ConfigError(f"--resume: {run_dir / RUN_JSON}: {e}") from None
+    changed = [k for k in changed if k == "weak" or legacy_fingerprint(getattr(data_cfg, k, None), (read or {}).get(k, ()))
+               != saved.data_sources.get(k)]  # a run hashed the older way
     if changed:
         names = {"train": f"data.train ({data_cfg.train})", "eval": f"data.eval ({data_cfg.eval})",
                  "weak": "a file of data.weak.functions"}
@@ -331,7 +333,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
             "gradient checkpointing: off (auto: " + ("this model does not support it" if built.info.task == "causal_lm"
                                                      else "not a language-model objective") + ")")
     if checkpoint is not None:
-        _check_resume_data(run_dir, built.info, cfg.data)
+        _check_resume_data(run_dir, built.info, cfg.data, built.data.read)
     _choose_precision(cfg, built, device, run_dir, checkpoint, log)
     if dist is not None:  # every rank trains in rank 0's precision, whatever its own check said
         t.bf16 = dist.on_main(lambda: t.bf16)
