@@ -55,13 +55,18 @@ def test_the_loss_check_refuses_bf16_where_it_changes_the_loss():
     assert agree and torch.equal(before, torch.get_rng_state())  # a loss far from 0: bf16 agrees; no RNG used
 
 
+def lm_run_args(lm_dir, data, run) -> list[str]:
+    """A tiny LoRA chat run of 4 steps with a checkpoint every 2."""
+    return [f"model.name={lm_dir}", f"data.train={data}", "data.max_length=64", "data.eval_fraction=0",
+            "adapter.kind=lora", "adapter.r=4", "training.batch_size=2", "training.max_steps=4",
+            "training.save_every=2", f"output.dir={run}", "output.progress=false"]
+
+
 @pytest.mark.skipif(not native_bf16(torch.device("cpu"))[0], reason="this CPU has no native bf16")
 def test_a_new_run_saves_its_auto_choices_and_a_resume_keeps_them(tmp_path, lm_dir):
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
     run = tmp_path / "run"
-    args = [f"model.name={lm_dir}", f"data.train={data}", "data.max_length=64", "data.eval_fraction=0",
-            "adapter.kind=lora", "adapter.r=4", "training.batch_size=2", "training.max_steps=4",
-            "training.save_every=2", f"output.dir={run}", "output.progress=false"]
+    args = lm_run_args(lm_dir, data, run)
     lines = []
 
     def stop(event):
@@ -117,9 +122,7 @@ def test_a_language_model_run_from_before_the_checkpointing_default_resumes_with
     import yaml
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
     run = tmp_path / "run"
-    args = [f"model.name={lm_dir}", f"data.train={data}", "data.max_length=64", "data.eval_fraction=0",
-            "adapter.kind=lora", "adapter.r=4", "training.batch_size=2", "training.max_steps=4",
-            "training.save_every=2", f"output.dir={run}", "output.progress=false"]
+    args = lm_run_args(lm_dir, data, run)
 
     def stop(event):
         if event.step == 2:

@@ -17,6 +17,11 @@ from .formats import DataError
 HASH_LIMIT = 4 * 2**30
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def _files(path: Path, role: str = "train") -> list[Path]:
     """A file, or a folder's files (sorted) without hidden ones or those in hidden folders (.git, .cache, ...),
     which no loader reads; of a DatasetDict folder, the split data.train / data.eval reads."""
@@ -28,8 +33,7 @@ def _files(path: Path, role: str = "train") -> list[Path]:
                 return _files(path / dict_split(splits, path, role))
             except DataError:
                 return []  # reading it says what is wrong
-        return sorted(p for p in path.rglob("*") if p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return _visible_files(path)
     return [path] if path.is_file() else []
 
 
@@ -77,8 +81,7 @@ def legacy_fingerprint(spec: str | None, also: list | tuple = ()) -> dict | None
         return None
     root = Path(spec)
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        files = _visible_files(root)
     else:
         files = [root] if root.is_file() else []
     if not files:
