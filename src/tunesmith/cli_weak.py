@@ -48,6 +48,18 @@ def _weak_config(args):
                       cache=not args.no_cache, prompt_model=args.prompt_model)
 
 
+def _out_path(spec: str, suffixes: tuple[str, ...]) -> Path:
+    """--out, checked before any work: a file (not a folder) with one of `suffixes`; its folder is made."""
+    from .errors import ConfigError
+    out = Path(spec)
+    if out.is_dir() or spec.endswith(("/", "\\")):
+        raise ConfigError(f"--out {spec}: is a folder; give a file name like {out / ('weak' + suffixes[0])}")
+    if out.suffix.lower() not in suffixes:
+        raise ConfigError(f"--out {spec}: expected a {' / '.join(suffixes)} file, e.g. {out.with_suffix(suffixes[0])}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _label(records, functions, classes, weak):
     from .weak.data import label_texts
     return label_texts([r.data["text"] for r in records], [f"{r.source}:{r.line}" for r in records], functions,
@@ -63,7 +75,9 @@ def cmd_analyze(args) -> int:
         overall_stats,
         plot_stats,
     )
+    from .io import atomic_write_text
     from .weak.data import combine_votes, load_weak
+    out = _out_path(args.out, (".png", ".svg", ".pdf"))
     weak = _weak_config(args)
     functions, classes = load_weak(weak)
     records, _ = _texts(args.data, args.max_examples)
@@ -92,9 +106,8 @@ def cmd_analyze(args) -> int:
         report["gold"] = {"spec": args.gold, "rows": len(gold), "covered": int(covered.sum()), "accuracy": scores}
         line = ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in scores.items())
         print(f"\non {args.gold}: {int(covered.sum())} of {len(gold)} rows have a vote; accuracy there: {line}")
-    out = Path(args.out)
     plot_stats(stats, overall, out, f"labeling functions on {args.data} ({len(L)} rows)")
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
     print(f"\nplot {out}; numbers {out.with_suffix('.json')}")
     return 0
 
@@ -103,6 +116,7 @@ def cmd_label(args) -> int:
     from .io import atomic_write_text
     from .weak import predict
     from .weak.data import combine_votes, load_weak
+    out = _out_path(args.out, (".jsonl",))
     weak = _weak_config(args)
     functions, classes = load_weak(weak)
     records, _ = _texts(args.data, args.max_examples)
@@ -112,7 +126,7 @@ def cmd_label(args) -> int:
     lines = [json.dumps({"text": r.data["text"], "label": classes[int(h)],
                          "probs": {str(c): round(float(p), 6) for c, p in zip(classes, row)}})
              for r, h, row, c in zip(records, hard, probs, covered) if c]
-    atomic_write_text(args.out, "".join(line + "\n" for line in lines))
+    atomic_write_text(out, "".join(line + "\n" for line in lines))
     print(f"wrote {len(lines)} labelled rows to {args.out} ({int((~covered).sum())} rows where every function "
           f"abstains left out; label model {weak.label_model})")
     return 0

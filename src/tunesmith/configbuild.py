@@ -62,6 +62,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if dataclasses.is_dataclass(tp):  # a nested section (data.weak): a mapping of its own fields
+        return value if isinstance(value, tp) else build(tp, value, where)
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected text, got {value!r}")

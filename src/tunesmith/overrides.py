@@ -41,12 +41,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     path, raw = item.split("=", 1)
     path, text = path.strip(), raw.strip()
     annotation = _field_annotation(path.split("."))
+    if _takes_list_of_text(annotation) and text and not text.startswith(("[", "{")) and text not in ("null", "~"):
+        return path, [_unquoted(text)]  # one item, as written: data.weak.functions=my rules #2.yaml
     if _takes_text(annotation) and not text.startswith(("[", "{")):
         if text in ("null", "~") and type(None) in typing.get_args(annotation):
             return path, None
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            return path, text[1:-1]
-        return path, text
+        return path, _unquoted(text)
     try:
         return path, yaml.safe_load(raw) if text else ""
     except yaml.YAMLError as e:
@@ -54,18 +54,38 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def _field_annotation(keys: list[str]) -> Any:
-    """The annotated type of config field section.key (for the adapter: of any adapter kind), or None."""
-    if len(keys) != 2:
+    """The annotated type of config field section.key (section.sub.key for a nested section like data.weak; for
+    the adapter: of any adapter kind), or None."""
+    if len(keys) < 2:
         return None
-    section, key = keys
-    if section == "adapter":
+    if keys[0] == "adapter":
         from .adapters.config import KINDS
-        if key == "kind":
+        if len(keys) != 2:
+            return None
+        if keys[1] == "kind":
             return str
-        return next((typing.get_type_hints(c)[key] for c in KINDS.values() if key in typing.get_type_hints(c)), None)
+        return next((typing.get_type_hints(c)[keys[1]] for c in KINDS.values() if keys[1] in typing.get_type_hints(c)),
+                    None)
     from .config import RunConfig
-    cls = typing.get_type_hints(RunConfig).get(section)
-    return typing.get_type_hints(cls).get(key) if dataclasses.is_dataclass(cls) else None
+    annotation: Any = RunConfig
+    for key in keys:
+        cls = next((a for a in (annotation, *typing.get_args(annotation)) if dataclasses.is_dataclass(a)), None)
+        if cls is None:
+            return None
+        annotation = typing.get_type_hints(cls).get(key)
+    return annotation
+
+
+def _unquoted(text: str) -> str:
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
+def _takes_list_of_text(annotation: Any) -> bool:
+    """A list of text (data.weak.functions), optional or not, that takes no single text (unlike targets)."""
+    if _takes_text(annotation):
+        return False
+    lists = [a for a in (annotation, *typing.get_args(annotation)) if typing.get_origin(a) is list]
+    return any(typing.get_args(a) == (str,) for a in lists)
 
 
 def _takes_text(annotation: Any) -> bool:

@@ -3,7 +3,7 @@
 A resumed run re-reads its data; a file edited in place since the run started would continue it on other
 examples (other batches, other results) without a word. `--resume` compares the hashes and refuses instead.
 Hashed: data.train and data.eval (a folder: every file in it but hidden ones), the files a loader read beside
-them (the images a captions file names), and the rules and Python files of data.weak.functions. Built-in
+them (the images a captions file names), and the rules and Python files of data.weak.functions (and the Python files its rules files name). Built-in
 datasets ship inside packages and are not hashed. Data over HASH_LIMIT bytes records only its size: hashing
 hundreds of GB at every start would cost more than the check is worth."""
 from __future__ import annotations
@@ -74,9 +74,13 @@ def source_fingerprint(spec: str | None, also: list | tuple = (), role: str = "t
     return files_fingerprint(files + extra, root.parent, unnamed=root)
 
 
-def legacy_fingerprint(spec: str | None, also: list | tuple = ()) -> dict | None:
+def legacy_fingerprint(spec, also: list | tuple = (), role: str = "train") -> dict | None:
     """The hash runs started before 2026-11-28 21:50 kept: a single file's name included, a DatasetDict folder
-    whole. --resume accepts it too, so those runs resume."""
+    whole; for data.weak (`spec` its config), before 2026-11-29 01:30, without the Python files its rules files
+    name. --resume accepts it too, so those runs resume."""
+    if role == "weak":
+        return files_fingerprint(sorted({f for f in map(_function_file, spec.functions or []) if f is not None})) \
+            if spec is not None else None
     if not spec or is_builtin(spec):
         return None
     root = Path(spec)
@@ -90,21 +94,45 @@ def legacy_fingerprint(spec: str | None, also: list | tuple = ()) -> dict | None
     return files_fingerprint(files + extra, root if root.is_dir() else root.parent)
 
 
-def _weak_files(functions: list[str]) -> list[Path]:
-    """The rules files and Python files data.weak.functions names (module:function resolved to its file)."""
+def _function_file(ref: str, base: Path | None = None) -> Path | None:
+    """The source file of `module:function` or `path.py:function` (relative to `base`), if there is one."""
     import importlib.util
+    target = ref.rsplit(":", 1)[0] if ":" in ref and not Path(ref).is_file() else ref
+    path = Path(target)
+    if not path.is_absolute() and base is not None and target.endswith(".py"):
+        path = base / path
+    if not path.is_file() and not target.endswith((".py", ".yaml", ".yml")):
+        try:  # a module name: its source file, when it has one
+            spec = importlib.util.find_spec(target)
+        except (ImportError, ValueError):
+            spec = None
+        path = Path(spec.origin) if spec is not None and spec.origin and spec.has_location else path
+    return path if path.is_file() else None
+
+
+def _rules_functions(path: Path) -> list[Path]:
+    """The Python files a rules file's `function:` entries name (relative to the rules file)."""
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []  # reading it for training says what is wrong
+    entries = data.get("functions") if isinstance(data, dict) else data
+    refs = [e["function"] for e in entries or () if isinstance(e, dict) and isinstance(e.get("function"), str)] \
+        if isinstance(entries, list) else []
+    return [f for f in (_function_file(ref, path.parent) for ref in refs) if f is not None]
+
+
+def _weak_files(functions: list[str]) -> list[Path]:
+    """The rules files and Python files data.weak.functions names (module:function resolved to its file), and
+    the Python files the rules files name."""
     out = []
     for ref in functions:
-        target = ref.rsplit(":", 1)[0] if ":" in ref and not Path(ref).is_file() else ref
-        path = Path(target)
-        if not path.is_file() and not target.endswith((".py", ".yaml", ".yml")):
-            try:  # a module name: its source file, when it has one
-                spec = importlib.util.find_spec(target)
-            except (ImportError, ValueError):
-                spec = None
-            path = Path(spec.origin) if spec is not None and spec.origin and spec.has_location else path
-        if path.is_file():
+        path = _function_file(ref)
+        if path is not None:
             out.append(path)
+            if path.suffix.lower() in (".yaml", ".yml"):
+                out += _rules_functions(path)
     return sorted(set(out))
 
 

@@ -28,7 +28,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .distributed import start_distributed
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
-from .setup import build
+from .setup import build, compile_blocks
 
 
 @dataclass
@@ -228,7 +228,7 @@ def _check_resume_data(run_dir: Path, info: RunInfo, data_cfg, read: dict | None
         changed = changed_sources(saved.data_sources, info.data_sources)
     except ValueError as e:
         raise ConfigError(f"--resume: {run_dir / RUN_JSON}: {e}") from None
-    changed = [k for k in changed if k == "weak" or legacy_fingerprint(getattr(data_cfg, k, None), (read or {}).get(k, ()))
+    changed = [k for k in changed if legacy_fingerprint(getattr(data_cfg, k, None), (read or {}).get(k, ()), k)
                != saved.data_sources.get(k)]  # a run hashed the older way
     if changed:
         names = {"train": f"data.train ({data_cfg.train})", "eval": f"data.eval ({data_cfg.eval})",
@@ -358,6 +358,9 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
         log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     batches_per_epoch = math.ceil(len(built.data.train) / t.batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
+    if t.compile:
+        log(f"torch.compile: {compile_blocks(model)} (compiled at the first step and at each new "
+            "batch shape)")
     if dist is not None:
         model = dist.wrap(model)  # DDP or FSDP2, before the optimizer: FSDP replaces the parameters by their shards
     opt = build_optimizer(model, t)

@@ -123,6 +123,9 @@ def build(cfg: RunConfig, tokenizer=None) -> Built:
         quantize_base(model, cfg.model.quantize, keep=cfg.adapter.modules_to_save)
     attach_trainables(model, cfg)
     hf = getattr(model, "backbone", model)
+    if cfg.training.compile and objective.name == "grpo":
+        raise ConfigError("training.compile: grpo samples completions token by token, and every new length would "
+                          "compile again; set training.compile=false")
     if cfg.training.gradient_checkpointing is None:  # the default: where activations dominate memory (long LM rows)
         cfg.training.gradient_checkpointing = task == "causal_lm" and bool(getattr(hf, "supports_gradient_checkpointing",
                                                                                    False))
@@ -139,3 +142,22 @@ def build(cfg: RunConfig, tokenizer=None) -> Built:
         if hasattr(hf, "enable_input_require_grads"):
             hf.enable_input_require_grads()
     return Built(model, tok, data, objective, info)
+
+
+def compile_blocks(model: nn.Module) -> str:
+    """training.compile: torch.compile each repeated block in place (`Module.compile` keeps the state-dict keys,
+    so checkpoints, adapters and exports are unchanged); the whole model where it names no blocks. Per block, as
+    the blocks share one compiled graph and a graph break stays inside one block. Returns what was compiled."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    blocks, inside = [], ()
+    for name, m in model.named_modules():  # the outermost blocks only (a UNet's up block holds attention blocks)
+        if type(m).__name__ in names and not (inside and name.startswith(inside)):
+            blocks.append(m)
+            inside = (*inside, f"{name}.")
+    if not blocks:
+        model.compile()
+        return f"the whole {type(model).__name__}"
+    for block in blocks:
+        block.compile()
+    kinds = sorted({type(b).__name__ for b in blocks})
+    return f"{len(blocks)} blocks ({', '.join(kinds)})"

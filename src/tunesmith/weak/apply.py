@@ -50,11 +50,24 @@ def texts_key(texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def model_stamp(spec: str) -> str:
+    """What identifies a prompted rule's chat model: a packaged name as it is (its package pins the files); a
+    folder or file by its files' names, sizes and modification times, so weights changed in place give new
+    votes (hashing gigabytes at every run would cost more than the check is worth)."""
+    from ..models.loading import PACKAGED
+    path = Path(spec).expanduser()
+    if spec in PACKAGED or not path.exists():
+        return spec
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return spec + "".join(f"\0{p.relative_to(path) if path.is_dir() else p.name}:{p.stat().st_size}:"
+                          f"{p.stat().st_mtime_ns}" for p in files)
+
+
 def column_key(texts: str, lf: LabelingFunction, classes: list, prompt_model: str = DEFAULT_MODEL) -> str:
     """The cache key of one column: the texts, the function's definition, the classes (and for a prompted rule
-    the model it asks, when the rule does not name one)."""
+    the model it asks, its files included)."""
     classes_json = json.dumps([str(c) for c in classes] + [type(c).__name__ for c in classes])
-    model = prompt_model if lf.kind == "prompt" and not lf.options.get("model") else ""
+    model = model_stamp(str(lf.options.get("model") or prompt_model)) if lf.kind == "prompt" else ""
     return hashlib.sha256(f"{texts}\0{lf.definition}\0{classes_json}\0{model}\0v1".encode()).hexdigest()[:24]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from ..data import PreparedData, holdout_split, load_records, seeded_sample
 from ..data.formats import DataError, Problem, Record, validate
 from ..data.tokenize import encode_records
+from ..errors import ConfigError
 from .analysis import overall_stats
 from .apply import LabelMatrix, apply_functions
 from .functions import ABSTAIN, LabelingFunction, load_functions, resolve_classes
@@ -27,7 +28,12 @@ from .label_model import DawidSkene, accuracy, fit_dawid_skene, majority_vote, p
 def load_weak(weak_cfg) -> tuple[list[LabelingFunction], list]:
     """The configured labeling functions and the class list."""
     functions, declared = load_functions(list(weak_cfg.functions))
-    return functions, resolve_classes(functions, weak_cfg.labels, declared)
+    classes = resolve_classes(functions, weak_cfg.labels, declared)
+    balance = getattr(weak_cfg, "class_balance", None)
+    if balance is not None and len(balance) != len(classes):
+        raise ConfigError(f"data.weak.class_balance: {len(balance)} weights for {len(classes)} classes "
+                          f"({', '.join(map(str, classes))}); give one weight per class, in this order, or null")
+    return functions, classes
 
 
 def label_texts(texts: list[str], rows: list[str], functions: list[LabelingFunction], classes: list, weak_cfg,

@@ -22,6 +22,7 @@ Python function). The label-matrix cache is keyed by it, so editing a function r
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -83,13 +84,32 @@ class LabelingFunction:
 
 # ---- Python functions ------------------------------------------------------------------------------------
 
+def _stable_repr(value: Any) -> str:
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # an address differs at every run
+
+
 def _source_file_text(fn: Callable) -> str:
-    """The whole source file of `fn`: helpers and constants in the same module decide its votes too."""
-    try:
-        return Path(inspect.getsourcefile(fn) or "").read_text(encoding="utf-8")
-    except (TypeError, OSError):
-        code = getattr(fn, "__code__", None)
-        return repr((code.co_code, code.co_consts, code.co_names)) if code is not None else repr(fn)
+    """What decides `fn`'s votes: the whole source file of the function (helpers and constants in the same
+    module decide its votes too), and of what it wraps (a decorator's `__wrapped__`, a partial's function);
+    for a callable object, its class's file and its state."""
+    parts, seen = [], set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        if isinstance(fn, functools.partial):
+            parts.append(_stable_repr((fn.args, fn.keywords)))
+            target, fn = fn.func, fn.func
+        elif inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn):
+            target, fn = fn, getattr(fn, "__wrapped__", None)
+        else:  # a callable object: its class's code and its own fields
+            parts.append(_stable_repr(fn))
+            target, fn = type(fn), getattr(fn, "__wrapped__", None)
+        try:
+            parts.append(Path(inspect.getsourcefile(target) or "").read_text(encoding="utf-8"))
+        except (TypeError, OSError):
+            code = getattr(target, "__code__", None)
+            parts.append(repr((code.co_code, code.co_consts, code.co_names)) if code is not None
+                         else _stable_repr(target))
+    return "\0".join(parts)
 
 
 def _module_from_file(path: Path, where: str) -> Any:
@@ -166,6 +186,10 @@ def _entry_lines(text: str) -> list[int]:
     return [item.start_mark.line + 1 for item in node.value]
 
 
+def _is_class_value(value: Any) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
 def _check_rule(entry: dict, field_: str, src: str, line: int, out: list[Where]) -> str | None:
     """The rule's kind, after checking its keys and values (problems go to `out`)."""
     for key in entry:
@@ -185,8 +209,12 @@ def _check_rule(entry: dict, field_: str, src: str, line: int, out: list[Where])
     if kind == "function":
         if "label" in entry:
             out.append(Where(src, line, f"{field_}.label", "a Python function returns its own labels; remove label"))
-    elif "label" not in entry or entry["label"] is None or isinstance(entry["label"], bool):
+    elif "label" not in entry or entry["label"] is None:
         out.append(Where(src, line, f"{field_}.label", f"missing: the class a {kind} rule votes for"))
+    elif not _is_class_value(entry["label"]):
+        out.append(Where(src, line, f"{field_}.label", f"expected a class name (or id), got {entry['label']!r}"))
+    if entry.get("no_label") is not None and not _is_class_value(entry["no_label"]):
+        out.append(Where(src, line, f"{field_}.no_label", f"expected a class name (or id), got {entry['no_label']!r}"))
     value = entry[kind]
     if kind == "keywords":
         if isinstance(value, str):
@@ -235,8 +263,11 @@ def load_rules_file(path: str | Path) -> tuple[list[LabelingFunction], list | No
                                         "and `functions:` (a list of rules)")
         labels, data = data.get("labels"), data.get("functions")
         if labels is not None and (not isinstance(labels, list) or len(labels) < 2
-                                   or any(isinstance(v, (bool, list, dict)) or v is None for v in labels)):
+                                   or not all(map(_is_class_value, labels))):
             raise LabelingFunctionError(f"{src}:1: labels: expected a list of at least two class names, got {labels!r}")
+        repeated = sorted({str(v) for v in labels or () if labels.count(v) > 1})
+        if repeated:
+            raise LabelingFunctionError(f"{src}:1: labels: {', '.join(repeated)} listed twice; list each class once")
     if not isinstance(data, list) or not data:
         raise LabelingFunctionError(f"{src}:1: functions: expected a non-empty list of rules like "
                                     "{name: football, label: sport, keywords: [football, striker]}")
