@@ -255,6 +255,36 @@ def test_bad_rows_are_reported_as_file_line_field(sd, images, tmp_path):
     assert ":1:" not in msg and len(e.value.problems) == 3
 
 
+def test_16_bit_greyscale_images_keep_their_grey(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit values at 255: mid grey (32768 of 65535) would train as white."""
+    from PIL import Image
+    from tunesmith.diffusion.data import Pair, load_image
+    Image.fromarray(np.full((20, 24), 32768, np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(np.full((20, 24), 0.25, np.float32)).save(tmp_path / "f.tiff")  # float mode F, in [0, 1]
+    for name, grey in (("g16.png", 0.0), ("f.tiff", -0.5)):
+        for channels in (3, 1):
+            x, _ = load_image(Pair("m.jsonl", 1, tmp_path / name, ""), 16, channels)
+            assert x.shape == (channels, 16, 16)
+            torch.testing.assert_close(x, torch.full_like(x, grey), atol=1 / 127.5, rtol=0)
+
+
+def test_exif_orientation_is_applied_before_resizing_and_size_conditioning(tmp_path):
+    """A phone photo stores its pixels sideways plus EXIF Orientation; it trains as displayed (diffusers'
+    DreamBooth scripts apply exif_transpose too), and SDXL's original size is the displayed height, width."""
+    from PIL import Image
+    from tunesmith.diffusion.data import Pair, load_image
+    x = np.zeros((16, 32, 3), np.uint8)  # stored 32 wide, 16 high: left half red, right half blue
+    x[:, :16, 0] = 255
+    x[:, 16:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display -> 16 wide, 32 high, red on top
+    Image.fromarray(x).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    img, cond = load_image(Pair("m.jsonl", 1, tmp_path / "phone.jpg", ""), 16, 3)
+    assert cond == [32, 16, 8, 0, 16, 16]  # original (h, w) as displayed; the crop is vertical
+    red, blue = img[0], img[2]  # (S, S) after the centre crop: the top half red, the bottom half blue
+    assert red[:6].mean() > 0.8 and blue[:6].mean() < -0.8 and red[-6:].mean() < -0.8 and blue[-6:].mean() > 0.8
+
+
 def test_diffusion_config_errors_are_clear(sd, images, tmp_path):
     from tunesmith.errors import ConfigError
     from tunesmith.train.run import setup
@@ -347,6 +377,26 @@ def test_kohya_alpha_is_per_module():
     torch.testing.assert_close(model.unet[0].delta_weight("default"), t["lora_unet_0.lora_up.weight"] @ t["lora_unet_0.lora_down.weight"] * 4)
     torch.testing.assert_close(model.unet[1].delta_weight("default"), t["lora_unet_1.lora_up.weight"] @ t["lora_unet_1.lora_down.weight"])
     assert not report.unmapped and len(report.mapped) == 5
+
+
+def test_kohya_alpha_must_be_one_finite_positive_number_and_0_means_rank(tmp_path):
+    """A NaN alpha would write NaN into adapter_config.json (invalid JSON) and make the UNet output NaN; a
+    vector alpha would silently use its first element. Each is refused naming the file and the key. Alpha 0 is
+    read as alpha = r, as kohya-ss sd-scripts reads it."""
+    from torch import nn
+    from tunesmith.diffusion.kohya import ImportReport, plan_import
+    from tunesmith.errors import TunesmithError
+    model = nn.Module()
+    model.unet = nn.Sequential(nn.Linear(6, 5))
+    base = {"lora_unet_0.lora_down.weight": torch.randn(2, 6), "lora_unet_0.lora_up.weight": torch.randn(5, 2)}
+    plan = plan_import({**base, "lora_unet_0.alpha": torch.tensor(0.0)}, model, ImportReport("k.safetensors", "b"))
+    assert plan["unet.0"]["alpha"] == 2.0
+    assert plan_import({**base, "lora_unet_0.alpha": torch.tensor([3.0])}, model, ImportReport("k", "b"))["unet.0"]["alpha"] == 3.0
+    for alpha, got in ((float("nan"), "got nan"), (float("inf"), "got inf"), (-4.0, "got -4"), ([1.0, 2.0], "got shape (2,)")):
+        with pytest.raises(TunesmithError) as e:
+            plan_import({**base, "lora_unet_0.alpha": torch.tensor(alpha)}, model, ImportReport("k.safetensors", "b"))
+        assert str(e.value).startswith("k.safetensors: lora_unet_0.alpha: the alpha must be one finite number >= 0")
+        assert got in str(e.value) and "re-export it" in str(e.value)
 
 
 def test_kohya_strict_refuses_unmapped_keys(sd, tmp_path):

@@ -134,7 +134,7 @@ def test_reward_functions_that_raise_or_return_non_numbers_fail_clearly(tmp_path
                  "def nan(prompt, completion, **_):\n    return float('nan')\n"
                  "def none(prompt, completion, **_):\n    return None\n"
                  "def flag(prompt, completion, **_):\n    return completion == 'a'\n")
-    with pytest.raises(RewardError, match="reward function boom raised KeyError: 'answer'"):
+    with pytest.raises(RewardError, match="reward function boom on prompt 'p', completion 'c' raised KeyError: 'answer'"):
         call_reward(load_reward_func(f"{f}:boom"), ["p"], ["c"], [{}])
     with pytest.raises(RewardError, match="text on prompt 'p', completion 'c' returned str 'yes'; return a number"):
         call_reward(load_reward_func(f"{f}:text"), ["p"], ["c"], [{}])
@@ -143,6 +143,33 @@ def test_reward_functions_that_raise_or_return_non_numbers_fail_clearly(tmp_path
     with pytest.raises(RewardError, match="returned NoneType None"):
         call_reward(load_reward_func(f"{f}:none"), ["p"], ["c"], [{}])
     assert call_reward(load_reward_func(f"{f}:flag"), ["p", "p"], ["a", "b"], [{}, {}]) == [1.0, 0.0]  # bools count
+
+
+def test_reward_errors_name_the_prompt_and_reply_and_float32_overflow(tmp_path):
+    """A function that raises is named with the prompt and reply it raised on (as docs/preference.md says),
+    shortened; a finite value float32 cannot hold (it would become inf in the reward tensor and the run would
+    then blame the learning rate) is refused at the function."""
+    f = tmp_path / "odd.py"
+    f.write_text("def picky(prompt, completion, **_):\n    if completion == 'b':\n        raise ValueError('no b')\n"
+                 "    return 1.0\n"
+                 "def huge(prompt, completion, **_):\n    return 1e39\n"
+                 "def huge_int(prompt, completion, **_):\n    return 10 ** 400\n")
+    long = "x" * 200
+    with pytest.raises(RewardError) as e:
+        call_reward(load_reward_func(f"{f}:picky"), ["p1", long], ["a", "b"], [{}, {}])
+    assert str(e.value).startswith(f"reward function picky on prompt {'x' * 60!r}, completion 'b' raised ValueError: no b")
+
+    def scorer(prompt, completion):
+        return 0.0
+    scorer.batch = lambda prompts, completions, fields: 1 / 0
+    with pytest.raises(RewardError, match="scorer on prompt 'p1', completion 'a' \\(the first of a batch of 2\\) "
+                                          "raised ZeroDivisionError"):
+        call_reward(scorer, ["p1", "p2"], ["a", "b"], [{}, {}])
+    with pytest.raises(RewardError, match="huge on prompt 'p', completion 'c' returned 1e\\+39; return a finite number "
+                                          "within float32's range"):
+        call_reward(load_reward_func(f"{f}:huge"), ["p"], ["c"], [{}])
+    with pytest.raises(RewardError, match="returned an integer beyond float64; return a finite number"):
+        call_reward(load_reward_func(f"{f}:huge_int"), ["p"], ["c"], [{}])
 
 
 # ---- runs -------------------------------------------------------------------------------------------------
@@ -229,6 +256,8 @@ def test_grpo_with_a_reward_model_run(tmp_path, lm_dir):
     score = reward_model_func(tmp_path / "rm")
     one = score("2 + 2", "4")
     assert isinstance(one, float) and score.batch(["2 + 2"], ["4"], [{}]) == [one]
+    long = "x " * 2000  # past the reward run's data.max_length: the end is kept, the completions still decide
+    assert score(long, "4") != score(long, "five hundred")
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(8))
     s = train(load_config(None, [f"model.name={lm_dir}", f"data.train={prompts}", "objective.type=grpo",
                                  f"objective.reward_model={tmp_path / 'rm'}", "objective.num_generations=2",

@@ -384,3 +384,48 @@ def test_score_refuses_a_run_that_is_not_a_reward_model(tmp_path, lm_dir):
     train(run_cfg(lm_dir, data, tmp_path / "dpo", "objective.loss_type=simpo", "training.max_steps=1"),
           log=lambda *_: None)
     assert main(["score", str(tmp_path / "dpo"), "--data", data]) == 2
+
+
+def test_score_skips_rows_whose_completion_does_not_fit_the_runs_max_length(tmp_path, lm_dir, capsys):
+    """`score` cuts rows to the run's data.max_length as training does; a row the cut leaves without its
+    completion, or a pair it leaves with two equal sides (margin 0: a wrong pair by accident), is skipped with a
+    line saying why, named in a note and left out of the summary, not scored as if it were whole."""
+    from tunesmith.cli import main
+    from tunesmith.train import train
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{a} + 1 =", "chosen": f" {a + 1}", "rejected": " 0"}
+                                                  for a in range(8)])
+    train(run_cfg(lm_dir, data, tmp_path / "rm", "objective.type=reward", "head.pooling=last", "data.max_length=16",
+                  "training.max_steps=1"), log=lambda *_: None)
+    same_start = " the answer, after some careful thought about it all, is"
+    rows = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "1 + 2 =", "chosen": " 3", "rejected": " 4"},
+        {"prompt": "add these " * 20 + "1 + 2 =", "chosen": " 3", "rejected": " 4"},  # the prompt fills 16 tokens
+        {"prompt": "1 + 2 =", "chosen": same_start + " 3", "rejected": same_start + " 4"},  # differ after the cut
+        {"prompt": "1 + 2 =", "chosen": " 3, since" + " one and" * 9, "rejected": " 4"}])  # cut, still scored
+    capsys.readouterr()
+    assert main(["score", str(tmp_path / "rm"), "--data", rows]) == 0
+    out = capsys.readouterr()
+    lines = [json.loads(x) for x in out.out.splitlines()]
+    assert [x["line"] for x in lines[:4]] == [1, 2, 3, 4] and "margin" in lines[0] and "margin" in lines[3]
+    assert lines[1]["skipped"] == "no completion token within data.max_length=16 (the prompt fills it)"
+    assert lines[2]["skipped"] == "chosen and rejected are the same within data.max_length=16"
+    assert lines[4]["summary"]["pairs"] == 2 and lines[4]["summary"]["skipped"] == 2
+    assert lines[4]["summary"]["truncated"] == 1
+    assert f"skipped 2 pairs, left out of the summary ({rows}:2, {rows}:3;" in out.err
+    assert "Shorten their prompts" in out.err and "note: 1 pair longer than data.max_length=16 (the run's) scored" in out.err
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "add these " * 20, "completion": "2"}])
+    assert main(["score", str(tmp_path / "rm"), "--data", pc]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert "skipped" in lines[0] and lines[1]["summary"] == {"rows": 0, "mean_score": 0.0, "skipped": 1, "truncated": 0}
+
+
+def test_a_margin_beyond_float32_is_a_data_error_naming_the_line(tmp_path):
+    """1e39 is finite in Python but inf in the float32 loss, which would then be blamed on the learning rate."""
+    rows = [{"prompt": "1 + 1 =", "chosen": " 2", "rejected": " 3", "margin": m} for m in (1.5, 1e39, -10 ** 39, 10 ** 400)]
+    f = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        validate(*read_records(f))
+    msg = str(e.value)
+    assert f"{f}:2: margin: 1e+39 is beyond float32's range (±3.4e38), where training computes; give a margin" in msg
+    assert f"{f}:3: margin: -1e+39 is beyond float32's range" in msg
+    assert f"{f}:4: margin: expected a finite number" in msg and ":1:" not in msg

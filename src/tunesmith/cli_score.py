@@ -7,6 +7,7 @@ The last line sums up: pair accuracy and mean margin, or the mean score.
 from __future__ import annotations
 
 import json
+import sys
 
 SCORED = ("preference", "prompt_completion", "chat")
 
@@ -24,25 +25,48 @@ def add_parser(sub) -> None:
     s.set_defaults(func=cmd_score)
 
 
-def _sequences(tok, rec, fmt: str) -> list[list[int]]:
-    """The token ids to score for one validated row: two for a pair, one otherwise."""
+def _sequences(tok, rec, fmt: str) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) to score for one validated row, two for a pair, one otherwise; labels mark the completion."""
     from .data.preference import as_pair, encode_completion
     d = rec.data
     if fmt == "preference":
         pair = as_pair(d)
-        return [encode_completion(tok, pair.prompt, pair.chosen)[0], encode_completion(tok, pair.prompt, pair.rejected)[0]]
+        return [encode_completion(tok, pair.prompt, pair.chosen), encode_completion(tok, pair.prompt, pair.rejected)]
     if fmt == "chat":
-        return [encode_completion(tok, d["messages"][:-1], d["messages"][-1:])[0]]
-    return [encode_completion(tok, d["prompt"], d["completion"])[0]]
+        return [encode_completion(tok, d["messages"][:-1], d["messages"][-1:])]
+    return [encode_completion(tok, d["prompt"], d["completion"])]
 
 
-def score_rows(run, records, fmt: str, batch_size: int, device) -> list[list[float]]:
-    """Scores per record (two for a pair), in the order of `records`."""
+def fit_rows(tok, records, fmt: str, max_length: int, overlong: str = "truncate") -> tuple[list, int]:
+    """Per record, the ids to score, cut to max_length as training cuts them (the start kept; with
+    overlong=drop the row is left out), or why the row is skipped: the cut leaves a side no completion token
+    (training skips such pairs), or a pair's two sides the same (it would score margin 0, a wrong pair by
+    accident). Also how many rows were cut."""
+    from .data.preference import _no_completion
+    out, cut = [], 0
+    for rec in records:
+        seqs = _sequences(tok, rec, fmt)
+        longest = max(len(ids) for ids, _ in seqs)
+        if longest > max_length and overlong == "drop":
+            out.append(f"{longest} tokens, longer than data.max_length={max_length} (data.overlong: drop)")
+            continue
+        seqs = [(ids[:max_length], labels[:max_length]) for ids, labels in seqs]
+        if any(_no_completion(labels) for _, labels in seqs):
+            out.append(f"no completion token within data.max_length={max_length} (the prompt fills it)")
+        elif len(seqs) == 2 and seqs[0][0] == seqs[1][0]:
+            out.append(f"chosen and rejected are the same within data.max_length={max_length}")
+        else:
+            out.append([ids for ids, _ in seqs])
+            cut += longest > max_length
+    return out, cut
+
+
+def score_rows(run, seqs: list[list[list[int]]], batch_size: int, device) -> list[list[float]]:
+    """Scores per row of token ids (two for a pair), in the order of `seqs`."""
     import torch
 
     from .data.batching import collate, model_inputs
     from .devices import to_device
-    seqs = [[ids[: run.cfg.data.max_length] for ids in _sequences(run.tokenizer, r, fmt)] for r in records]
     flat = [{"input_ids": ids} for row in seqs for ids in row]
     scores: list[float] = []
     with torch.no_grad():
@@ -78,16 +102,38 @@ def cmd_score(args) -> int:
             raise DataError(bad[: run.cfg.data.max_errors], total=len(bad))
     device = resolve_device(args.device)
     run.model.to(device)
-    rows = score_rows(run, records, fmt, args.batch_size, device)
-    for rec, s in zip(records, rows):
-        line = {"line": rec.line, "chosen": s[0], "rejected": s[1], "margin": s[0] - s[1]} if fmt == "preference" \
-            else {"line": rec.line, "score": s[0]}
-        print(json.dumps(line))
+    max_length = run.cfg.data.max_length  # the reward model's length: cut and skip rows as training did
+    fitted, cut = fit_rows(run.tokenizer, records, fmt, max_length, run.cfg.data.overlong)
+    kept = [f for f in fitted if not isinstance(f, str)]
+    scored = iter(score_rows(run, kept, args.batch_size, device))
+    rows = []
+    for rec, f in zip(records, fitted):
+        if isinstance(f, str):  # a line per row, so the output stays aligned with the file
+            print(json.dumps({"line": rec.line, "skipped": f}))
+            continue
+        s = next(scored)
+        rows.append(s)
+        print(json.dumps({"line": rec.line, "chosen": s[0], "rejected": s[1], "margin": s[0] - s[1]}
+                         if fmt == "preference" else {"line": rec.line, "score": s[0]}))
+    skipped = [f"{rec.source}:{rec.line}" for rec, f in zip(records, fitted) if isinstance(f, str)]
+
+    def count(n: int) -> str:
+        return f"{n} {'pair' if fmt == 'preference' else 'row'}{'' if n == 1 else 's'}"
+
+    if cut:
+        print(f"note: {count(cut)} longer than data.max_length={max_length} (the run's) scored on their first "
+              f"{max_length} tokens, as training saw them", file=sys.stderr)
+    if skipped:
+        print(f"note: skipped {count(len(skipped))}, left out of the summary ({', '.join(skipped[:5])}"
+              f"{', ...' if len(skipped) > 5 else ''}; each line says why): their completions do not fit in "
+              f"data.max_length={max_length}, the length the reward model was trained at. Shorten their prompts "
+              "to score them", file=sys.stderr)
+    n = max(len(rows), 1)
     if fmt == "preference":
         margins = [s[0] - s[1] for s in rows]
-        summary = {"pairs": len(rows), "accuracy": sum(m > 0 for m in margins) / max(len(rows), 1),
-                   "mean_margin": sum(margins) / max(len(rows), 1)}
+        summary = {"pairs": len(rows), "accuracy": sum(m > 0 for m in margins) / n, "mean_margin": sum(margins) / n}
     else:
-        summary = {"rows": len(rows), "mean_score": sum(s[0] for s in rows) / max(len(rows), 1)}
+        summary = {"rows": len(rows), "mean_score": sum(s[0] for s in rows) / n}
+    summary.update(skipped=len(skipped), truncated=cut)
     print(json.dumps({"summary": summary}))
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import math
 import numbers
 import sys
 from pathlib import Path
@@ -84,32 +83,56 @@ def load_reward_funcs(specs: Sequence[str]) -> list[RewardFn]:
     return [load_reward_func(s) for s in specs]
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are float32 tensors: a larger finite value is inf
+
+
+def _where(func: RewardFn, prompt: str, completion: str) -> str:
+    return f"reward function {reward_name(func)} on prompt {prompt[:60]!r}, completion {completion[:60]!r}"
+
+
 def _number(value, func: RewardFn, prompt: str, completion: str) -> float:
-    where = f"reward function {reward_name(func)} on prompt {prompt[:60]!r}, completion {completion[:60]!r}"
+    where = _where(func, prompt, completion)
     if not isinstance(value, numbers.Real):
         raise RewardError(f"{where} returned {type(value).__name__} {value!r}; return a number (e.g. 0.0 for no "
                           "reward)")
-    value = float(value)
-    if not math.isfinite(value):
-        raise RewardError(f"{where} returned {value}; return a finite number")
-    return value
+    if not abs(value) <= FLOAT32_MAX:  # also NaN, inf, and ints float64 cannot hold (float() would raise)
+        try:
+            shown = f"{float(value):.3g}"
+        except OverflowError:
+            shown = "an integer beyond float64"
+        raise RewardError(f"{where} returned {shown}; return a finite number within float32's range (±3.4e38), "
+                          "where rewards are computed")
+    return float(value)
+
+
+def _raised(func: RewardFn, e: Exception, prompt: str, completion: str, batch: int = 1) -> RewardError:
+    where = _where(func, prompt, completion) + (f" (the first of a batch of {batch})" if batch > 1 else "")
+    return RewardError(f"{where} raised {type(e).__name__}: {e} (its signature must be "
+                       "f(prompt, completion, **fields) -> float)")
 
 
 def call_reward(func: RewardFn, prompts: list[str], completions: list[str], fields: list[dict]) -> list[float]:
-    """One reward source over a batch: its `batch` method if it has one, else one call per completion."""
-    try:
-        if callable(getattr(func, "batch", None)):
+    """One reward source over a batch: its `batch` method if it has one, else one call per completion. An error
+    names the function, the prompt and the completion (for a batch, its first)."""
+    if callable(getattr(func, "batch", None)):
+        try:
             values = list(func.batch(prompts, completions, fields))
-            if len(values) != len(completions):
-                raise RewardError(f"reward {reward_name(func)}: batch returned {len(values)} values for "
-                                  f"{len(completions)} completions")
-        else:
-            values = [func(p, c, **f) for p, c, f in zip(prompts, completions, fields)]
-    except RewardError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's function: say which, on what, and why
-        raise RewardError(f"reward function {reward_name(func)} raised {type(e).__name__}: {e} (its signature "
-                          "must be f(prompt, completion, **fields) -> float)") from e
+        except RewardError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's function: say which, on what, and why
+            raise _raised(func, e, (prompts or [""])[0], (completions or [""])[0], len(completions)) from e
+        if len(values) != len(completions):
+            raise RewardError(f"reward {reward_name(func)}: batch returned {len(values)} values for "
+                              f"{len(completions)} completions")
+    else:
+        values = []
+        for p, c, f in zip(prompts, completions, fields):
+            try:
+                values.append(func(p, c, **f))
+            except RewardError:
+                raise
+            except Exception as e:  # as above, on the one completion that raised
+                raise _raised(func, e, p, c) from e
     return [_number(v, func, p, c) for v, p, c in zip(values, prompts, completions)]
 
 
@@ -140,7 +163,9 @@ def reward_model_func(run_dir: str | Path, device: str | torch.device = "cpu", b
             ids, _ = encode_completion(tok, messages, [{"role": "assistant", "content": completion}])
         else:
             ids, _ = encode_completion(tok, prompt, completion)
-        return {"input_ids": ids[:max_length]}
+        # too long for the reward model: keep the end, so the completion (what is scored) is never cut away and
+        # replies to a long prompt still score differently
+        return {"input_ids": ids[-max_length:]}
 
     @torch.no_grad()
     def score_batch(prompts: list[str], completions: list[str], fields: list[dict]) -> list[float]:

@@ -19,13 +19,12 @@ generated tokens follow every prompt directly.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from . import tokenize
-from .formats import ROLES, DataError, Problem, Record
+from .formats import FLOAT32_MAX, ROLES, DataError, Problem, Record, _finite
 from .tokenize import IGNORE, Encoded, _clean_message, _common_prefix, _template_ids
 
 PREFERENCE_KEYS = ("chosen", "rejected", "preferred_output", "non_preferred_output")
@@ -95,8 +94,12 @@ def check_preference(rec: Record, out: list[Problem]) -> None:
         _check_trl(rec, out)
     if "margin" in d:
         m = d["margin"]
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not _finite(m):
             out.append(Problem(rec.source, rec.line, "margin", f"expected a finite number, got {m!r}"))
+        elif abs(m) > FLOAT32_MAX:  # finite here, inf in the float32 loss (which would then blame the lr)
+            out.append(Problem(rec.source, rec.line, "margin", f"{m:.3g} is beyond float32's range (±3.4e38), where "
+                                                               "training computes; give a margin on the scale of "
+                                                               "reward scores (e.g. 0 to 5)"))
 
 
 def _check_trl(rec: Record, out: list[Problem]) -> None:

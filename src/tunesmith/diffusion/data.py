@@ -39,6 +39,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
                  "rescale_betas_zero_snr")  # what the DDPM noise schedule of training is built from
 ENCODE_BATCH = 8
+# greyscale modes beyond 8 bits -> the value that is full white: 16-bit PNG/TIFF (Pillow reads 16-bit PNGs as
+# I;16, older Pillow and TIFF as I), float images in [0, 1]
+HIGH_BIT_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
 @dataclass
@@ -119,9 +122,13 @@ def read_pairs(spec: str, max_errors: int = 20) -> list[Pair]:
 def load_image(pair: Pair, size: int, channels: int) -> tuple[torch.Tensor, list[int]]:
     """An image as (channels, size, size) in [-1, 1]: shorter side resized to `size`, centre-cropped. Also its
     SDXL size conditioning: original height, width, crop top, crop left, target height, width."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
         with Image.open(pair.image) as im:
+            im = ImageOps.exif_transpose(im)  # as displayed: phone photos store sideways pixels + an EXIF rotation
+            if im.mode in HIGH_BIT_SCALE:  # convert() would clip 16-bit / float values at 255 (white)
+                full = np.asarray(im, dtype=np.float64) / HIGH_BIT_SCALE[im.mode]
+                im = Image.fromarray(np.round(np.clip(full, 0.0, 1.0) * 255).astype(np.uint8), "L")
             im = im.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise DataError([Problem(pair.source, pair.line, "file_name", f"{pair.image} is unreadable "

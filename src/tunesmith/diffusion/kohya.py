@@ -5,7 +5,7 @@ Nothing is dropped silently, which is the top complaint about LoRA loaders.
 A Kohya key is `<prefix><module path, '.' written as '_'>.<suffix>`:
   prefix   lora_unet_ (the UNet), lora_te_ (the text encoder of SD 1.x / 2.x), lora_te1_ / lora_te2_ (SDXL's two)
   suffix   lora_down.weight  A, (r, in) or (r, in, kh, kw)       lora_up.weight  B, (out, r) or (out, r, 1, 1)
-           alpha             a scalar: the module's scale is alpha / r (alpha = r when the key is missing)
+           alpha             a scalar: the module's scale is alpha / r (alpha = r when the key is missing or 0)
 Module names are matched against names built from the base pipeline's own modules (diffusers naming, and the
 text encoders with or without `text_model.`), so the mapping holds for any UNet2DConditionModel layout. A
 key is reported as not mapped when its module is not in the base (with the closest names), when its shapes
@@ -18,6 +18,7 @@ never silently dropped when a file mixes both namings.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -220,9 +221,23 @@ def plan_import(tensors: dict[str, torch.Tensor], model: nn.Module, report: Impo
             refuse([keys[s] for s in (*PAIR, "alpha") if s in keys], f"{read_as.get(stem, '')}{module_name}: {fitted}")
             continue
         r = fitted[0].shape[0]
-        alpha = float(tensors[keys["alpha"]].float().reshape(-1)[0]) if "alpha" in keys else float(r)
+        alpha = _alpha(tensors[keys["alpha"]], keys["alpha"], report.source, r) if "alpha" in keys else float(r)
         plan[module_name] = {"A": fitted[0], "B": fitted[1], "r": r, "alpha": alpha, "keys": keys}
     return plan
+
+
+def _alpha(t: torch.Tensor, key: str, source: str, r: int) -> float:
+    """A module's alpha: one finite number >= 0. 0 means alpha = r (scale 1), as kohya-ss sd-scripts reads it
+    (networks/lora.py, LoRAModule: "if alpha == 0 or None, alpha is rank"); diffusers' loader would scale by 0."""
+    value = float(t.float().reshape(-1)[0]) if t.numel() == 1 else None
+    if value == 0.0:
+        return float(r)
+    if value is None or not math.isfinite(value) or value < 0:
+        got = f"shape {tuple(t.shape)}" if value is None else f"{value:g}"
+        raise TunesmithError(f"{source}: {key}: the alpha must be one finite number >= 0 (the module's scale is "
+                             f"alpha / r, r={r}; 0 or no key means alpha = r), got {got}; the file is damaged: "
+                             "re-export it, or set this key to the alpha it was trained with")
+    return value
 
 
 def _fit(module: nn.Module, A: torch.Tensor, B: torch.Tensor):

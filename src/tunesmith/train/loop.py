@@ -23,7 +23,7 @@ from ..errors import TunesmithError
 from ..freeze import set_train_mode
 from ..io import atomic_write_text
 from .artifacts import save_result
-from .checkpoint import capture_rng, prune_checkpoints, save_checkpoint
+from .checkpoint import capture_rng, latest_checkpoint, prune_checkpoints, save_checkpoint
 from .interrupts import interrupts_deferred
 from .evaluate import evaluate
 from .metrics import plot_losses
@@ -78,9 +78,11 @@ def apply_step(run: Run, loss_total: float, n_total: int, correct: int | None, u
     step the optimizer and scheduler, count the step and log its metrics."""
     t = run.cfg.training
     if not math.isfinite(loss_total):  # before the optimizer step: the weights stay as the last good step left them
+        last = latest_checkpoint(run.run_dir)
         raise TrainingDiverged(f"the loss is {loss_total} at step {run.state.step + 1}: training diverged. Lower "
                                f"training.lr (now {t.lr:g}), keep training.max_grad_norm on, or check the data; "
-                               f"the last checkpoint in {run.run_dir / 'checkpoints'} is intact")
+                               + (f"the last checkpoint, {last}, is intact" if last else
+                                  "no checkpoint was saved yet, so there is nothing to resume from"))
     if t.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], t.max_grad_norm)
     with interrupts_deferred():
