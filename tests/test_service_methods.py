@@ -95,3 +95,20 @@ def test_a_python_grader_runs_only_while_the_server_allows_it(client, tmp_path, 
         "type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 4}}})
     done = wait(client, job.id)
     assert done.status == "failed" and done.error.code == "python_graders_disabled", done.error
+
+
+def test_a_grader_that_fails_mid_job_names_its_formula_and_keeps_the_traceback_for_the_operator(client, tmp_path,
+                                                                                               server):
+    f = upload(client, tmp_path, [json.dumps(r) for r in arithmetic_rows()], "sums.jsonl")
+    never = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "no such reply",
+             "operation": "eq"}  # scores 0: a / never divides by zero (the check at creation uses scores of 1)
+    grader = {"type": "multi", "calculate_output": "a / never", "graders": {"a": {**never, "operation": "ne"},
+                                                                          "never": never}}
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={
+        "type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 4}}})
+    done = wait(client, job.id)
+    assert done.status == "failed" and "'a / never' cannot be computed for the scores a=1, never=0" in \
+        done.error.message, done.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert not any("traceback" in json.dumps(e.data or {}).lower() for e in events)
+    assert "Traceback" in (server["data"] / "jobs" / job.id / "error.log").read_text()

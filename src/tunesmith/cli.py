@@ -27,6 +27,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_number(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
 DEVICE_HELP = "auto (a CUDA GPU if present, then MPS, else CPU; default), cpu, cuda, cuda:N or mps"
 
 
@@ -422,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve without any API key; only allowed when --host is a loopback address (127.0.0.1, ::1, localhost)")
     s.add_argument("--model", action="append", metavar="NAME=PATH",
                    help="offer a local model folder as a base model (repeatable); packaged chat models are offered by default")
-    s.add_argument("--max-upload-mb", type=float, default=100, help="largest accepted upload in MB (default 100)")
+    s.add_argument("--max-upload-mb", type=positive_number, default=100, help="largest accepted upload in MB (default 100)")
     s.add_argument("--no-worker", action="store_true", help="do not run jobs in this process (use `tunesmith worker`)")
     s.add_argument("--job-config", metavar="YAML",
                    help="run-config fragment every job trains with, e.g. adapter: {r: 16, targets: [q_proj, v_proj]}, "

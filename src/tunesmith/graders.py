@@ -156,29 +156,60 @@ _FUNCS = {"min": min, "max": max, "abs": abs, "sqrt": math.sqrt, "log": math.log
           "floor": math.floor, "ceil": math.ceil}
 
 
+MAX_FORMULA = 1000  # characters: arithmetic over a few scores; a longer one is a mistake or an attack
+MAX_FORMULA_DEPTH = 50  # nested operations: evaluation recurses once per level
+
+
+def _depth(node: ast.AST) -> int:
+    return 1 + max((_depth(c) for c in ast.iter_child_nodes(node)), default=0)
+
+
 def check_formula(formula: str, names: set[str], param: str) -> ast.Expression:
     """Parse an arithmetic formula over the sub-graders' names; anything else (attributes, calls other than
-    min/max/abs/sqrt/log/exp/floor/ceil) is refused: it is data, never code."""
+    min/max/abs/sqrt/log/exp/floor/ceil) is refused: it is data, never code. It must also compute with every
+    score at 1 (a constant 1/0 or 10**400 is refused now, not mid-job)."""
+    if len(formula) > MAX_FORMULA:
+        raise GraderError(f"the formula has {len(formula)} characters; at most {MAX_FORMULA}", param)
     try:
         tree = ast.parse(formula, mode="eval")
     except SyntaxError as e:
         raise GraderError(f"cannot parse {formula!r} ({e.msg})", param) from None
+    except (RecursionError, MemoryError, ValueError):
+        raise GraderError("the formula nests too deeply to parse", param) from None
+    if _depth(tree) > MAX_FORMULA_DEPTH:
+        raise GraderError(f"the formula nests more than {MAX_FORMULA_DEPTH} operations deep", param)
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id not in names and node.id not in _FUNCS:
             raise GraderError(f"{node.id!r} is not one of the graders ({', '.join(sorted(names))})", param)
         if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS):
             raise GraderError(f"only {', '.join(_FUNCS)} may be called", param)
         if not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Name, ast.Load, ast.Call, ast.Constant,
-                                 *_OPS)) or (isinstance(node, ast.Constant) and not isinstance(node.value, (int, float))):
+                                 *_OPS)) or (isinstance(node, ast.Constant) and (
+                isinstance(node.value, bool) or not isinstance(node.value, (int, float)))):
             raise GraderError(f"only arithmetic on the graders' scores is allowed, not {type(node).__name__}", param)
+    evaluate_formula(tree, dict.fromkeys(names, 1.0), formula, param)
     return tree
+
+
+def evaluate_formula(tree: ast.Expression, scores: dict[str, float], formula: str, param: str) -> float:
+    """The formula's value for these scores; a math error (division by zero, overflow, log of 0) is a GraderError
+    that names the formula and the scores."""
+    try:
+        value = float(_evaluate(tree, scores))
+    except (ArithmeticError, ValueError, TypeError) as e:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in scores.items())
+        raise GraderError(f"{formula!r} cannot be computed for the scores {shown}: {e}", param) from None
+    if not math.isfinite(value):
+        raise GraderError(f"{formula!r} gives {value} for the scores "
+                          + ", ".join(f"{k}={v:.4g}" for k, v in scores.items()), param)
+    return value
 
 
 def _evaluate(node: ast.AST, scores: dict[str, float]) -> float:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body, scores)
     if isinstance(node, ast.Constant):
-        return float(node.value)
+        return float(node.value)  # floats: 10**10**10 overflows at once instead of computing a huge integer
     if isinstance(node, ast.Name):
         return scores[node.id]
     if isinstance(node, ast.BinOp):
@@ -199,15 +230,29 @@ def _text(spec: dict, key: str, param: str) -> str:
     return value
 
 
-def build_grader(spec: Any, allow_python: bool = False, param: str = "grader") -> Grade:
-    """Check a grader spec and return its scoring function. Raises GraderError naming the bad field."""
+KEYS = {"string_check": {"input", "reference", "operation"}, "text_similarity": {"input", "reference",
+         "evaluation_metric"}, "multi": {"graders", "calculate_output"}, "python": {"source", "image_tag"}}
+MAX_NESTING = 8  # multi graders inside multi graders
+
+
+def build_grader(spec: Any, allow_python: bool = False, param: str = "grader", run_code: bool = True,
+                 depth: int = 0) -> Grade:
+    """Check a grader spec and return its scoring function. Raises GraderError naming the bad field. With
+    run_code=False (the service checking a new job) a python grader is compiled, not run."""
     if not isinstance(spec, dict):
         raise GraderError("must be an object with a 'type'", param)
     kind = spec.get("type")
+    if kind in KEYS:
+        unknown = sorted(set(spec) - KEYS[kind] - {"type", "name"}, key=str)
+        if unknown:
+            raise GraderError(f"unknown field for a {kind} grader (fields: type, name, {', '.join(sorted(KEYS[kind]))})",
+                              f"{param}.{unknown[0]}")
+        if spec.get("name") is not None and not isinstance(spec["name"], str):
+            raise GraderError("'name' must be a string", f"{param}.name")
     if kind == "string_check":
         source, reference = _text(spec, "input", param), _text(spec, "reference", param)
         op = spec.get("operation")
-        if op not in OPERATIONS:
+        if not isinstance(op, str) or op not in OPERATIONS:
             raise GraderError(f"'operation' must be one of {', '.join(OPERATIONS)}; got {op!r}", f"{param}.operation")
 
         def string_check(sample: dict, item: dict) -> float:
@@ -217,34 +262,58 @@ def build_grader(spec: Any, allow_python: bool = False, param: str = "grader") -
     if kind == "text_similarity":
         source, reference = _text(spec, "input", param), _text(spec, "reference", param)
         metric = spec.get("evaluation_metric")
-        if metric not in SIMILARITY:
+        if not isinstance(metric, str) or metric not in SIMILARITY:
             why = " (meteor needs WordNet, not available offline)" if metric == "meteor" else ""
             raise GraderError(f"'evaluation_metric' must be one of {', '.join(METRICS)}; got {metric!r}{why}",
                               f"{param}.evaluation_metric")
         measure = SIMILARITY[metric]
         return lambda sample, item: measure(render(source, sample, item), render(reference, sample, item))
     if kind == "multi":
+        if depth >= MAX_NESTING:
+            raise GraderError(f"multi graders nest more than {MAX_NESTING} deep", param)
         graders = spec.get("graders")
         if not isinstance(graders, dict) or not graders:
             raise GraderError("'graders' must be a non-empty object {name: grader}", f"{param}.graders")
-        parts = {name: build_grader(g, allow_python, f"{param}.graders.{name}") for name, g in graders.items()}
-        formula = check_formula(_text(spec, "calculate_output", param), set(parts), f"{param}.calculate_output")
-        return lambda sample, item: _evaluate(formula, {n: g(sample, item) for n, g in parts.items()})
+        parts = {name: build_grader(g, allow_python, f"{param}.graders.{name}", run_code, depth + 1)
+                 for name, g in graders.items()}
+        text = _text(spec, "calculate_output", param)
+        formula = check_formula(text, set(parts), f"{param}.calculate_output")
+        return lambda sample, item: evaluate_formula(formula, {n: g(sample, item) for n, g in parts.items()}, text,
+                                                     f"{param}.calculate_output")
     if kind == "python":
         if not allow_python:
             raise GraderError("python graders run code; the operator must enable them (`tunesmith serve "
                               "--allow-python-graders`)", f"{param}.type")
-        return _python_grader(_text(spec, "source", param), param)
+        source = _text(spec, "source", param)
+        return _python_grader(source, param) if run_code else _checked_python_source(source, param)
     hint = " (model graders need a judge model; train a reward model and use it instead)" \
         if kind in ("score_model", "label_model") else ""
     raise GraderError(f"'type' must be one of {', '.join(TYPES)}; got {kind!r}{hint}", f"{param}.type")
+
+
+def _checked_python_source(source: str, param: str) -> Grade:
+    """A python grader's source checked without running it: it parses and defines grade() at the top level."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise GraderError(f"the source does not parse: {getattr(e, 'msg', e)}", f"{param}.source") from None
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))} | {
+        t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    if "grade" not in defined:
+        raise GraderError("the source must define grade(sample, item) -> float", f"{param}.source")
+
+    def unrun(sample: dict, item: dict) -> float:
+        raise GraderError("a checked python grader is not run here; build it with run_code=True", param)
+    return unrun
 
 
 def _python_grader(source: str, param: str) -> Grade:
     namespace: dict = {}
     try:
         exec(compile(source, "<grader>", "exec"), namespace)  # noqa: S102 - allowed by the operator
-    except Exception as e:  # noqa: BLE001 - any error in the user's source is the user's to see
+    except BaseException as e:  # noqa: BLE001 - any error in the user's source (SystemExit too) is the user's to see
+        if isinstance(e, KeyboardInterrupt):
+            raise
         raise GraderError(f"the source does not run: {type(e).__name__}: {e}", f"{param}.source") from None
     grade = namespace.get("grade")
     if not callable(grade):

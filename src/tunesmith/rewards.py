@@ -107,6 +107,8 @@ def _number(value, func: RewardFn, prompt: str, completion: str) -> float:
 
 def _raised(func: RewardFn, e: Exception, prompt: str, completion: str, batch: int = 1) -> RewardError:
     where = _where(func, prompt, completion) + (f" (the first of a batch of {batch})" if batch > 1 else "")
+    if isinstance(e, TunesmithError):  # ours (a grader's formula that cannot be computed): its message says why
+        return RewardError(f"{where}: {e}")
     return RewardError(f"{where} raised {type(e).__name__}: {e} (its signature must be "
                        "f(prompt, completion, **fields) -> float)")
 

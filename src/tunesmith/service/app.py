@@ -345,12 +345,21 @@ def check_method(body: JobCreate, allow_python_graders: bool) -> None:
     if kind != "supervised" and body.hyperparameters is not None:
         raise APIError(400, f"'hyperparameters' is the supervised method's (deprecated) place; give them as "
                             f"method.{kind}.hyperparameters", param="hyperparameters")
+    given = body.method.supervised if body.method is not None and kind == "supervised" else None
+    if body.hyperparameters is not None and given is not None and given.hyperparameters is not None:
+        raise APIError(400, "hyperparameters are given twice, at the top level (deprecated) and in "
+                            "method.supervised.hyperparameters; give them in one place", param="hyperparameters")
+    if body.integrations:  # accepting and dropping them would say a run is tracked when it is not
+        raise APIError(400, "integrations (e.g. wandb) are not supported by this server; leave 'integrations' "
+                            "empty (the run folder keeps metrics.jsonl and loss.png)", param="integrations")
     if kind == "reinforcement":
         if body.method.reinforcement is None:
             raise APIError(400, "Missing required parameter: 'method.reinforcement.grader'.",
                            param="method.reinforcement.grader")
         try:
-            build_grader(body.method.reinforcement.grader, allow_python_graders, "method.reinforcement.grader")
+            # checked only: a python grader is compiled here, never run (it runs in the training process)
+            build_grader(body.method.reinforcement.grader, allow_python_graders, "method.reinforcement.grader",
+                         run_code=False)
         except GraderError as e:
             raise APIError(400, f"Invalid grader: {e}", param=e.param) from None
 

@@ -310,8 +310,16 @@ def run(job_id: str, data_dir: str, owner: str | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - any failure becomes the job's error, never a silent stop or a retry
         if not is_main_process():
             return 1  # rank 0 records it
-        return fail(store, job_id, {"code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None},
-                    {"traceback": traceback.format_exc()[-2000:]})
+        # the traceback is the operator's (server paths, code): in the job folder and the worker's log, never
+        # in what API clients read
+        from ..io import atomic_write_text
+        trace = traceback.format_exc()
+        print(f"job {job_id} failed:\n{trace}", file=sys.stderr, flush=True)
+        try:
+            atomic_write_text(store.dir / "jobs" / job_id / "error.log", trace)
+        except OSError:
+            pass
+        return fail(store, job_id, {"code": "training_failed", "message": f"{type(e).__name__}: {e}", "param": None})
 
 
 def _run(store: Store, job: dict, owner: str | None) -> int:

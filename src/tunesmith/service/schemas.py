@@ -139,16 +139,28 @@ class JobCreate(_Body):
 
 
 # -- chat completions -----------------------------------------------------------------------------
+def _unicode_text(text: str) -> str:
+    """JSON may spell a lone surrogate (\\ud800), which is no character: the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: a lone surrogate {text[e.start]!r} at character {e.start}") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode_text)]
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: StrictStr
-    text: StrictStr | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # name, tool_calls, ...: accepted, not used by a text model
     role: Literal[ROLES]  # type: ignore[valid-type]
-    content: StrictStr | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -156,7 +168,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
 
 
-StopText = Annotated[StrictStr, Field(min_length=1)]
+StopText = Annotated[Text, Field(min_length=1)]
 
 
 class ChatCompletionCreate(BaseModel):

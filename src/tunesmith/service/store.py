@@ -221,9 +221,13 @@ class Store:
         return True
 
     def _page(self, query: str, params: dict, limit: int, convert, table: str, after: str | None) -> dict:
+        """One page; KeyError(after) for a cursor that is not a row of this list (another job's event too)."""
+        scoped = "job" in params  # a job's events or checkpoints
         with self.connect() as db:
             rows = db.execute(query, params).fetchall()
-            if after is not None and not rows and db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (after,)).fetchone() is None:
+            if after is not None and not rows and db.execute(
+                    f"SELECT 1 FROM {table} WHERE id = ?" + (" AND job_id = ?" if scoped else ""),
+                    (after, params["job"]) if scoped else (after,)).fetchone() is None:
                 raise KeyError(after)
         return list_object([convert(r) for r in rows[:limit]], len(rows) > limit)
 
