@@ -39,7 +39,7 @@ def train_ab(lever: str, conversations: int, checkpointing: str, bf16: str) -> t
     from tunesmith.train import train
     tmp = Path(tempfile.mkdtemp())
     data, _ = sft.data(tmp, conversations)
-    steps: dict[int, float | None] = {}  # step -> seconds, None where it compiled
+    steps: dict[int, tuple[float, bool]] = {}  # step -> (seconds, whether it compiled)
     clock = {"t": None, "graphs": 0}
 
     def switch(on: bool) -> None:
@@ -51,7 +51,7 @@ def train_ab(lever: str, conversations: int, checkpointing: str, bf16: str) -> t
     def on_step(event) -> None:
         now, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
         if clock["t"] is not None:
-            steps[event.step] = now - clock["t"] if graphs == clock["graphs"] else None
+            steps[event.step] = (now - clock["t"], graphs != clock["graphs"])
         switch(event.step % 2 == 0)  # the next step: off after an odd step, on after an even one
         clock["t"], clock["graphs"] = time.perf_counter(), graphs
 
@@ -67,9 +67,9 @@ def train_ab(lever: str, conversations: int, checkpointing: str, bf16: str) -> t
     finally:
         switch(True)
     last = max(steps)  # the epoch's last batch is shorter, and the first lever step warms its allocations: left out
-    pairs = [(steps[s], steps[s + 1]) for s in range(4, last - 1, 2)
-             if steps.get(s) is not None and steps.get(s + 1) is not None]
-    return pairs, [t for s, t in steps.items() if t is None]
+    pairs = [(steps[s][0], steps[s + 1][0]) for s in range(4, last - 1, 2)
+             if s in steps and s + 1 in steps and not steps[s][1] and not steps[s + 1][1]]
+    return pairs, [t for t, compiled in steps.values() if compiled]
 
 
 def shared_input_lever(repeats: int = 200) -> tuple[float, float]:

@@ -181,7 +181,11 @@ def cmd_merge(args) -> int:
     run = load_run(args.run, merge=True)
     write_model_folder(Path(args.out), run.model, run.tokenizer, run.info.labels, run.info.objective_params)
     head = (Path(args.out) / "head.safetensors").exists()
+    from .models.loading import VISION_MARKER
     loader = getattr(run.model, "loads_with", "transformers' from_pretrained")  # diffusion: a pipeline folder
+    if (Path(args.out) / VISION_MARKER).exists():  # the built-in MobileNetV2: no transformers class reads it
+        loader = (f"tunesmith: model.name={args.out} in a run config, or tunesmith.models.load_vision_model; the "
+                  "weights are plain safetensors")
     print(f"merged model written to {args.out} (loads with {loader}"
           f"{f'; the {run.info.task} head is head.safetensors, described in head.json' if head else ''}"
           f"{', labels in labels.json' if run.info.labels else ''})")

@@ -303,9 +303,9 @@ class TrainingConfig:
     SFT benchmark it costs about a quarter of the speed and saves half of the peak memory (docs/training.md). The
     choice is printed and saved in config.yaml."""
     compile: bool = False
-    """torch.compile the model's repeated blocks (inductor). Faster steps once compiled (10-15% on the SFT
-    benchmark), but the first step compiles for tens of seconds and so does each new batch shape: worth it
-    on long runs only (docs/training.md). Not with grpo (generation changes shapes at every token)."""
+    """torch.compile the model's repeated blocks (inductor). Steps a quarter faster once compiled on the SFT
+    benchmark, but the first step compiles (20 s there) and so does each new batch shape: worth it after a
+    dozen steps or so (docs/training.md). Not with grpo (generation changes shapes at every token)."""
     device: str = "auto"
     """`auto` (a CUDA GPU if there is one, then MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""
     eval_every: int = 0
@@ -484,6 +484,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             mark = getattr(e, "problem_mark", None)
             where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
             raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8 YAML") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model:, data:, training:, ...), got "
+                              f"{type(data).__name__} {str(data)[:60]!r}")
     try:
         return config_from_dict(apply_overrides(data, overrides or []))
     except ConfigError as e:

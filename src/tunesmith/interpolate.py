@@ -7,6 +7,7 @@ adapter, done in place (`scale_lora`) without a second copy of the model.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -126,12 +127,34 @@ def scale_lora(model: nn.Module, alpha: float, name: str | None = None) -> None:
                 layer.scaling[n] = layer.configs[n].scaling(layer.r[n], layer.alpha[n]) * float(alpha)
 
 
+MAX_ALPHAS = 1000
+
+
 def parse_alphas(spec: str) -> list[float]:
-    """'0:1:0.1' -> [0.0, 0.1, ..., 1.0]; '0,0.5,1' -> [0.0, 0.5, 1.0]."""
+    """'0:1:0.1' -> [0.0, 0.1, ..., 1.0] (never past stop); '0,0.5,1' -> [0.0, 0.5, 1.0]. Finite numbers only
+    (below 0 or above 1 extrapolates, as WiSE-FT allows)."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise InterpolationError(f"--alphas {spec}: {text.strip()!r} is not a number") from None
+        if not math.isfinite(value):
+            raise InterpolationError(f"--alphas {spec}: {text.strip()} is not a finite number")
+        return value
+
     if ":" in spec:
-        start, stop, step = (float(x) for x in spec.split(":"))
-        if step <= 0:
-            raise InterpolationError(f"--alphas {spec}: the step must be positive")
-        n = int(round((stop - start) / step))
+        parts = spec.split(":")
+        if len(parts) != 3:
+            raise InterpolationError(f"--alphas {spec}: a range is start:stop:step, e.g. 0:1:0.1")
+        start, stop, step = map(number, parts)
+        if step <= 0 or stop < start:
+            raise InterpolationError(f"--alphas {spec}: the step must be positive and stop at least start "
+                                     "(e.g. 0:1:0.1)")
+        n = math.floor((stop - start) / step + 1e-9)  # the last value stays within stop
+        if n + 1 > MAX_ALPHAS:
+            raise InterpolationError(f"--alphas {spec}: {n + 1} values; at most {MAX_ALPHAS}")
         return [round(start + i * step, 10) for i in range(n + 1)]
-    return [float(x) for x in spec.split(",") if x.strip()]
+    values = [number(x) for x in spec.split(",") if x.strip()]
+    if not values:
+        raise InterpolationError(f"--alphas {spec!r}: give start:stop:step (e.g. 0:1:0.1) or numbers (0,0.5,1)")
+    return values

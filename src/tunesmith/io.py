@@ -94,12 +94,73 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, all
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TunesmithError(f"{path} is a file, not a folder; choose another path for the {what}")
+    run = next((p for p in path.resolve().parents if is_run_folder(p, strict=True)), None)
+    if run is not None:
+        raise TunesmithError(f"{path} is inside the tunesmith run {run}; writing the {what} there could replace the "
+                             "run's own files. Choose a folder outside it")
     if not path.is_dir() or not any(path.iterdir()):
         return
     if is_run_folder(path) and not allow_run:
         raise TunesmithError(f"{path} holds a tunesmith run; writing the {what} there would destroy it. "
                              "Choose another folder")
+    inner = next((p.parent for m in RUN_MARKERS for p in path.rglob(m) if p.parent != path
+                  and is_run_folder(p.parent, strict=True)), None)
+    if inner is not None:
+        raise TunesmithError(f"{path} holds a tunesmith run ({inner}); replacing it with the {what} would destroy "
+                             "that run. Choose another folder")
     if not overwrite:
         shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
         raise TunesmithError(f"{path} is not empty ({shown}{', ...' if len(list(path.iterdir())) > 5 else ''}); "
                              f"pass --overwrite to replace it with the {what}, or choose another folder")
+
+
+# ---- one process per run folder ----------------------------------------------------------------------------
+RUN_LOCK = ".tunesmith.lock"  # flock'ed while a process trains the run: released when it exits, kill -9 too
+_held: dict[str, object] = {}  # the run folders this process holds, by resolved path
+RUN_LOCKS = True  # off in a service job's process: the store's lease decides which worker trains a job (a lock
+# on a network file system can outlive a dead machine, and would then fail the job another worker takes over)
+
+
+def _try_lock(folder: Path):
+    """The open, locked lock file of `folder`, or raise naming the process that holds it."""
+    import fcntl
+
+    from .errors import TunesmithError
+    f = open(folder / RUN_LOCK, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise TunesmithError(f"{folder} is in use: process {holder} is training this run. Wait for it to finish "
+                             "(or stop it), or choose another output.dir") from None
+    return f
+
+
+def lock_run_folder(folder: str | os.PathLike) -> None:
+    """Hold `folder`'s lock until release_run_folder or the process ends, so no second process trains, resumes
+    or replaces the run meanwhile (POSIX flock; a no-op where there is none)."""
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held or os.name != "posix" or not RUN_LOCKS:
+        return
+    f = _try_lock(folder)
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _held[key] = f
+
+
+def check_run_folder_free(folder: str | os.PathLike) -> None:
+    """Raise when another process holds `folder`'s lock."""
+    folder = Path(folder)
+    if RUN_LOCKS and os.name == "posix" and (folder / RUN_LOCK).is_file() and str(folder.resolve()) not in _held:
+        _try_lock(folder).close()
+
+
+def release_run_folder(folder: str | os.PathLike) -> None:
+    f = _held.pop(str(Path(folder).resolve()), None)
+    if f is not None:
+        f.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -89,10 +90,16 @@ def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str
     from .devices import resolve_device
     from .io import check_output_folder
     run_dir = Path(run_dir)
-    if save:  # checked before the sweep: a refusal costs nothing
+    # checked before the sweep: a refusal costs nothing
+    if save:
         check_output_folder(save, overwrite, "interpolated model", allow_run=(Path(save) / "interpolation.json").exists())
     if not eval_sets:
         raise TunesmithError("give at least one --eval NAME=DATA (e.g. --eval id=mnist:test --eval ood=digits:all)")
+    if not alphas:
+        raise TunesmithError("no alphas to evaluate; e.g. --alphas 0:1:0.1")
+    check_select(select, list(eval_sets), alphas)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise TunesmithError(f"--out {out} is a file, not a folder; choose a folder for the table and plot")
     interp = Interpolator(run_dir, missing, base)
     interp.model.to(resolve_device(device))  # theta_0/theta_1 stay on the CPU and are copied in per alpha
     sets = {name: encode_eval_set(spec, interp.run) for name, spec in eval_sets.items()}
@@ -122,15 +129,26 @@ def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str
     return result
 
 
-def choose_alpha(rows: list[dict], names: list[str], select: str) -> float:
-    """'mean' (best average score over sets), a set name (best on that set), or a number (that alpha).
-    Equal scores (accuracy ties are common) go to the lower loss."""
+def check_select(select: str, names: list[str], alphas: list[float]) -> None:
+    """--select: 'mean', an eval set's name, or one of the alphas swept (a model is saved only at a measured alpha)."""
+    if select == "mean" or select in names:
+        return
     try:
-        return float(select)
+        value = float(select)
     except ValueError:
-        pass
+        raise TunesmithError(f"--select {select!r}: use 'mean', an alpha of the sweep, or one of the eval names "
+                             f"{names}") from None
+    if not any(math.isclose(value, a, abs_tol=1e-9) for a in alphas):
+        raise TunesmithError(f"--select {select}: not one of the alphas swept ({', '.join(f'{a:g}' for a in alphas)}); "
+                             "a model is chosen only where it was measured")
+
+
+def choose_alpha(rows: list[dict], names: list[str], select: str) -> float:
+    """'mean' (best average score over sets), a set name (best on that set), or a number (that alpha, one of
+    the rows). Equal scores (accuracy ties are common) go to the lower loss."""
+    check_select(select, names, [r["alpha"] for r in rows])
     if select != "mean" and select not in names:
-        raise TunesmithError(f"--select {select!r}: use 'mean', a number, or one of the eval names {names}")
+        return next(r["alpha"] for r in rows if math.isclose(float(select), r["alpha"], abs_tol=1e-9))
     sets = names if select == "mean" else [select]
     return max(rows, key=lambda r: (sum(r[f"{n}_score"] for n in sets) / len(sets),
                                     -sum(r[f"{n}_loss"] for n in sets) / len(sets)))["alpha"]

@@ -141,7 +141,9 @@ def temp_beside(out: Path):
     import tempfile
     made = [p for p in out.parents if not p.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
+    from ..io import UMASK
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600: llama.cpp / Ollama under another user could not read it
     os.close(fd)
     tmp = Path(name)
     try:

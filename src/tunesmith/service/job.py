@@ -293,6 +293,8 @@ def train_job(store: Store, job: dict, config_path: Path, reporter: Reporter) ->
         return json.loads((run_dir / "summary.json").read_text())
     checkpoint = latest_checkpoint(run_dir)
     on_main_process(store.rewind_job, job["id"], int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+    from .. import io
+    io.RUN_LOCKS = False  # this process is the job's: the store's lease already makes it the only one
     return train(load_config(config_path), resume=True, on_step=reporter)
 
 

@@ -102,7 +102,10 @@ def encode_eval_set(spec: str, run: LoadedRun) -> list[dict]:
     if run.info.format == "image_caption":  # a diffusion run: images + captions, encoded by its pipeline
         from ..diffusion.data import encode_eval_set as encode_image_captions
         return encode_image_captions(spec, run.cfg, run.info.model["name"], run.objective.num_train_timesteps)
-    return prepare_eval(spec, run.tokenizer, run.cfg.data, run.objective, run.info.labels, run.info.modality)
+    examples = prepare_eval(spec, run.tokenizer, run.cfg.data, run.objective, run.info.labels, run.info.modality)
+    if not examples:  # an empty image folder reads as no rows without an error of its own
+        raise TunesmithError(f"{spec}: no examples to evaluate (an empty file or folder?)")
+    return examples
 
 
 def load_run(run_dir: str | Path, merge: bool = False) -> LoadedRun:

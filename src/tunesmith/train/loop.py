@@ -21,7 +21,7 @@ from ..data.batching import batches_for_epoch, collate
 from ..devices import to_device
 from ..errors import TunesmithError
 from ..freeze import set_train_mode
-from ..io import atomic_write_text
+from ..io import atomic_write_text, release_run_folder
 from .artifacts import save_result
 from .checkpoint import capture_rng, latest_checkpoint, prune_checkpoints, save_checkpoint
 from .interrupts import interrupts_deferred
@@ -215,7 +215,16 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Callable[[StepEvent], N
           log: Callable = print, overwrite: bool = False) -> dict:
     """Run a fine-tune described by `cfg`; returns summary.json's content (losses, eval metrics, paths, time).
     `on_step(event)` is called after every optimizer step with a StepEvent. `resume` continues the run in
-    output.dir from its latest checkpoint; `overwrite` replaces a previous run there."""
+    output.dir from its latest checkpoint; `overwrite` replaces a previous run there. One process at a time
+    trains a run folder (a lock held until this returns)."""
+    try:
+        return _train(cfg, resume, on_step, log, overwrite)
+    finally:
+        release_run_folder(cfg.output.dir)
+
+
+def _train(cfg: RunConfig, resume: bool, on_step: Callable[[StepEvent], None] | None, log: Callable,
+           overwrite: bool) -> dict:
     run = setup(cfg, resume, log, overwrite)
     attach_trackers(run)  # output.report_to: every metrics line also goes to tensorboard / mlflow / trackio
     log = run.log  # under torchrun, silent on every rank but 0

@@ -20,7 +20,7 @@ from ..data import PreparedData
 from ..devices import autocast, resolve_device
 from ..errors import ConfigError, TunesmithError
 from ..freeze import ParamSummary, trainable_summary
-from ..io import atomic_write_text, is_run_folder
+from ..io import atomic_write_text, check_run_folder_free, is_run_folder, lock_run_folder
 from ..models.quantize import quantization_summary
 from ..objectives import Objective
 from ..runinfo import RunInfo
@@ -251,6 +251,10 @@ def prepare_run_folder(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: b
     Returns the checkpoint to resume from."""
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output.dir and --overwrite replaces it: pass one of them")
+    try:
+        check_run_folder_free(run_dir)  # another process training it: resuming or replacing it would wreck both
+    except TunesmithError as e:
+        raise ConfigError(str(e)) from None
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if resume:
         _check_resume_config(run_dir, cfg)
@@ -339,6 +343,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite
         t.bf16 = dist.on_main(lambda: t.bf16)
     if dist is None or dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_folder(run_dir)  # held until train() returns (released by the caller, or when the process ends)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         built.info.write(run_dir)
     model = built.model.to(device)

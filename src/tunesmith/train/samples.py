@@ -19,7 +19,8 @@ def sample_replies(model, tok, prompts: list[str], template: str, max_new_tokens
     """Greedy replies of `model` to each user message (one at a time: no padding to get wrong)."""
     from ..generate import generate
     replies = []
-    with torch.random.fork_rng(devices=[]), bf16_ctx:
+    # eager under training.compile: a KV cache's shape changes at every token, and each would compile again
+    with torch.random.fork_rng(devices=[]), bf16_ctx, torch.compiler.set_stance("force_eager"):
         for prompt in prompts:
             replies.append(generate(model, tok, [{"role": "user", "content": prompt}], max_new_tokens,
                                     template=template))
