@@ -122,3 +122,37 @@ def test_evaluating_an_empty_image_folder_is_an_error(tmp_path, capsys):
     assert "no examples to evaluate" in capsys.readouterr().err
     assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
     assert "load_vision_model" in capsys.readouterr().out
+
+
+def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from tunesmith import io
+
+    def no_locks(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    io.lock_run_folder(tmp_path)
+    io.check_run_folder_free(tmp_path)
+    assert str(tmp_path.resolve()) not in io._held
+    io.release_run_folder(tmp_path)
+
+
+def test_overwrite_checks_the_lock_again_right_before_deleting(tmp_path):
+    from tunesmith.train.run import replace_run_folder
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("x")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('locked', flush=True); "
+                               "time.sleep(60)", str(run / ".tunesmith.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match="is in use: process 4242"):
+            replace_run_folder(run, lambda *_: None)
+        assert (run / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()

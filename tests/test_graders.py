@@ -99,3 +99,27 @@ def test_a_grader_returning_a_non_number_is_an_error():
                            allow_python=True)
     with pytest.raises(GraderError, match="not a finite number"):
         reward("p", "c")
+
+
+@pytest.mark.parametrize("formula, message", [
+    ("+".join(["a"] * 500), "nests more than 50"), ("-" * 999 + "a", "nests more than 50"),
+    ("max", "call it: max"), ("a + abs", "call it: abs"),
+])
+def test_formulas_that_would_crash_are_refused(formula, message):
+    from tunesmith.graders import GraderError, check_formula
+    with pytest.raises(GraderError, match=message):
+        check_formula(formula, {"a"}, "grader.calculate_output")
+
+
+@pytest.mark.parametrize("source, ok", [
+    ("return 1", False), ("def grade(a, a):\n    return 1", False), ("from helpers import grade", True),
+    ("grade: object = None", True), ("def grade(s, i):\n    return 1.0", True), ("def other(s, i):\n    return 1", False),
+])
+def test_python_grader_sources_are_compiled_not_run(source, ok):
+    from tunesmith.graders import GraderError, build_grader
+    spec = {"type": "python", "source": source}
+    if ok:
+        build_grader(spec, True, run_code=False)
+    else:
+        with pytest.raises(GraderError, match="source"):
+            build_grader(spec, True, run_code=False)

@@ -100,7 +100,7 @@ def test_a_python_grader_is_checked_but_never_run_in_the_server(http, rl_file, s
     refused(create(http, rl_file, {"type": "python", "source": "def other(s, i):\n    return 1.0\n"}),
             "method.reinforcement.grader.source", "must define grade")
     refused(create(http, rl_file, {"type": "python", "source": "def grade(:"}),
-            "method.reinforcement.grader.source", "does not parse")
+            "method.reinforcement.grader.source", "does not compile")
 
 
 def test_hyperparameters_twice_and_integrations_are_refused(http, tmp_path, server):
@@ -134,3 +134,12 @@ def test_bad_upload_limits_are_a_command_line_error(capsys):
         with pytest.raises(SystemExit) as e:
             main(["serve", "--data", "x", "--max-upload-mb", value])
         assert e.value.code == 2 and "--max-upload-mb" in capsys.readouterr().err
+
+
+def test_a_lone_surrogate_inside_a_grader_is_a_400(http, rl_file):
+    before = jobs(http)
+    body = json.dumps({"model": "tiny", "training_file": rl_file, "method": {"type": "reinforcement", "reinforcement": {
+        "grader": {**CHECK, "reference": "@"}}}}).replace('"@"', '"\\ud800"')
+    r = http.post("/fine_tuning/jobs", content=body.encode(), headers={"Content-Type": "application/json"})
+    refused(r, "method.reinforcement.grader.reference", "lone surrogate")
+    assert jobs(http) == before and http.get("/fine_tuning/jobs").status_code == 200

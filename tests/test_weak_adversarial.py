@@ -149,3 +149,27 @@ def test_weak_commands_check_out_before_any_work(tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
     out = tmp_path / "new dir #1" / "labels.jsonl"
     assert main(["weak", "label", *base, "--out", str(out)]) == 0 and out.read_text().count("\n") >= 1
+
+
+def test_the_cache_key_is_the_same_in_every_process_and_sees_the_file_that_builds_the_object(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "kwhelp.py").write_text("class KW:\n    def __init__(self, word, label):\n        self.word, self.label = "
+                                        "word, label\n    def __call__(self, text):\n        return self.label if "
+                                        "self.word in text else None\n")
+    lfs = tmp_path / "lfs.py"
+    lfs.write_text("import functools\nfrom kwhelp import KW\ndef has_any(text, words):\n    return 'sport' if "
+                   "words & set(text.split()) else None\nsport = functools.partial(has_any, words={'goal', 'striker', "
+                   "'league', 'match'})\nkw = KW('chip', 'tech')\n")
+    code = ("import sys, hashlib; from tunesmith.weak import load_functions; "
+            "print(hashlib.sha256(load_functions([sys.argv[1]])[0][0].definition.encode()).hexdigest())")
+
+    def key(ref: str, seed: str) -> str:
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+        return subprocess.run([sys.executable, "-c", code, ref], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert len({key(f"{lfs}:sport", seed) for seed in ("1", "2", "3")}) == 1  # a set's order is per process
+    before = key(f"{lfs}:kw", "1")
+    lfs.write_text(lfs.read_text().replace("KW('chip', 'tech')", "KW('goal', 'sport')"))
+    assert key(f"{lfs}:kw", "1") != before  # the object's fields changed in the file the reference names

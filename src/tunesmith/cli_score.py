@@ -125,9 +125,9 @@ def cmd_score(args) -> int:
               f"{max_length} tokens, as training saw them", file=sys.stderr)
     if skipped:
         print(f"note: skipped {count(len(skipped))}, left out of the summary ({', '.join(skipped[:5])}"
-              f"{', ...' if len(skipped) > 5 else ''}; each line says why): their completions do not fit in "
-              f"data.max_length={max_length}, the length the reward model was trained at. Shorten their prompts "
-              "to score them", file=sys.stderr)
+              f"{', ...' if len(skipped) > 5 else ''}; each line says why: a completion that does not fit in "
+              f"data.max_length={max_length}, the length the reward model was trained at, or a pair the cut left "
+              "with two equal sides). Shorten their prompts to score them", file=sys.stderr)
     n = max(len(rows), 1)
     if fmt == "preference":
         margins = [s[0] - s[1] for s in rows]

@@ -160,8 +160,14 @@ MAX_FORMULA = 1000  # characters: arithmetic over a few scores; a longer one is 
 MAX_FORMULA_DEPTH = 50  # nested operations: evaluation recurses once per level
 
 
-def _depth(node: ast.AST) -> int:
-    return 1 + max((_depth(c) for c in ast.iter_child_nodes(node)), default=0)
+def _depth(tree: ast.AST) -> int:
+    """How deep the tree nests (iteratively: a deep tree is what is being refused)."""
+    deepest, todo = 0, [(tree, 1)]
+    while todo:
+        node, d = todo.pop()
+        deepest = max(deepest, d)
+        todo += [(c, d + 1) for c in ast.iter_child_nodes(node)]
+    return deepest
 
 
 def check_formula(formula: str, names: set[str], param: str) -> ast.Expression:
@@ -178,9 +184,11 @@ def check_formula(formula: str, names: set[str], param: str) -> ast.Expression:
         raise GraderError("the formula nests too deeply to parse", param) from None
     if _depth(tree) > MAX_FORMULA_DEPTH:
         raise GraderError(f"the formula nests more than {MAX_FORMULA_DEPTH} operations deep", param)
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id not in names and node.id not in _FUNCS:
-            raise GraderError(f"{node.id!r} is not one of the graders ({', '.join(sorted(names))})", param)
+        if isinstance(node, ast.Name) and node.id not in names and (node.id not in _FUNCS or id(node) not in called):
+            raise GraderError(f"{node.id!r} is not one of the graders ({', '.join(sorted(names))})"
+                              + (f"; call it: {node.id}(...)" if node.id in _FUNCS else ""), param)
         if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS):
             raise GraderError(f"only {', '.join(_FUNCS)} may be called", param)
         if not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Name, ast.Load, ast.Call, ast.Constant,
@@ -196,7 +204,7 @@ def evaluate_formula(tree: ast.Expression, scores: dict[str, float], formula: st
     that names the formula and the scores."""
     try:
         value = float(_evaluate(tree, scores))
-    except (ArithmeticError, ValueError, TypeError) as e:
+    except (ArithmeticError, ValueError, TypeError, KeyError, RecursionError) as e:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in scores.items())
         raise GraderError(f"{formula!r} cannot be computed for the scores {shown}: {e}", param) from None
     if not math.isfinite(value):
@@ -295,10 +303,14 @@ def _checked_python_source(source: str, param: str) -> Grade:
     """A python grader's source checked without running it: it parses and defines grade() at the top level."""
     try:
         tree = ast.parse(source)
+        compile(tree, "<grader>", "exec")  # compiling never runs it, and finds what parsing lets through
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        raise GraderError(f"the source does not parse: {getattr(e, 'msg', e)}", f"{param}.source") from None
+        raise GraderError(f"the source does not compile: {getattr(e, 'msg', e)}", f"{param}.source") from None
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))} | {
-        t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)} | {
+        n.target.id for n in tree.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)} | {
+        (a.asname or a.name).split(".")[0] for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names}
     if "grade" not in defined:
         raise GraderError("the source must define grade(sample, item) -> float", f"{param}.source")
 

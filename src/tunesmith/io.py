@@ -115,37 +115,45 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, all
 
 
 # ---- one process per run folder ----------------------------------------------------------------------------
-RUN_LOCK = ".tunesmith.lock"  # flock'ed while a process trains the run: released when it exits, kill -9 too
+RUN_LOCK = ".tunesmith.lock"  # locked while a process trains the run: released when it exits, kill -9 too
 _held: dict[str, object] = {}  # the run folders this process holds, by resolved path
 RUN_LOCKS = True  # off in a service job's process: the store's lease decides which worker trains a job (a lock
 # on a network file system can outlive a dead machine, and would then fail the job another worker takes over)
 
 
 def _try_lock(folder: Path):
-    """The open, locked lock file of `folder`, or raise naming the process that holds it."""
+    """The open, locked lock file of `folder`; None where the file system has no locks (Lustre without
+    -o flock, some FUSE mounts: the run goes on unlocked); raises naming the process that holds it. POSIX
+    record locks (lockf): a forked child (a data-loader or compile worker) does not inherit them."""
+    import errno
     import fcntl
 
     from .errors import TunesmithError
     f = open(folder / RUN_LOCK, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise TunesmithError(f"{folder} is in use: process {holder} is training this run. Wait for it to "
+                                 "finish (or stop it), or choose another output.dir") from None
         f.close()
-        raise TunesmithError(f"{folder} is in use: process {holder} is training this run. Wait for it to finish "
-                             "(or stop it), or choose another output.dir") from None
+        return None
     return f
 
 
 def lock_run_folder(folder: str | os.PathLike) -> None:
     """Hold `folder`'s lock until release_run_folder or the process ends, so no second process trains, resumes
-    or replaces the run meanwhile (POSIX flock; a no-op where there is none)."""
+    or replaces the run meanwhile (a no-op without POSIX locks, or with RUN_LOCKS off)."""
     folder = Path(folder)
     key = str(folder.resolve())
     if key in _held or os.name != "posix" or not RUN_LOCKS:
         return
     f = _try_lock(folder)
+    if f is None:
+        return
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -154,10 +162,13 @@ def lock_run_folder(folder: str | os.PathLike) -> None:
 
 
 def check_run_folder_free(folder: str | os.PathLike) -> None:
-    """Raise when another process holds `folder`'s lock."""
+    """Raise when another process holds `folder`'s lock. (Never for a folder this process holds: closing any
+    descriptor of a locked file would drop this process's own POSIX lock.)"""
     folder = Path(folder)
     if RUN_LOCKS and os.name == "posix" and (folder / RUN_LOCK).is_file() and str(folder.resolve()) not in _held:
-        _try_lock(folder).close()
+        f = _try_lock(folder)
+        if f is not None:
+            f.close()
 
 
 def release_run_folder(folder: str | os.PathLike) -> None:

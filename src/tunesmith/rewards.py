@@ -166,8 +166,12 @@ def reward_model_func(run_dir: str | Path, device: str | torch.device = "cpu", b
         else:
             ids, _ = encode_completion(tok, prompt, completion)
         # too long for the reward model: keep the end, so the completion (what is scored) is never cut away and
-        # replies to a long prompt still score differently
-        return {"input_ids": ids[-max_length:]}
+        # replies to a long prompt still score differently; and a leading special token (BOS / [CLS]: what a
+        # cls-pooled head reads), as every training row began with it
+        if len(ids) > max_length:
+            keep = 1 if ids[0] in set(getattr(tok, "all_special_ids", ())) else 0
+            ids = ids[:keep] + ids[len(ids) - (max_length - keep):]
+        return {"input_ids": ids}
 
     @torch.no_grad()
     def score_batch(prompts: list[str], completions: list[str], fields: list[dict]) -> list[float]:

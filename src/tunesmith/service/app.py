@@ -356,12 +356,32 @@ def check_method(body: JobCreate, allow_python_graders: bool) -> None:
         if body.method.reinforcement is None:
             raise APIError(400, "Missing required parameter: 'method.reinforcement.grader'.",
                            param="method.reinforcement.grader")
+        bad = _not_unicode(body.method.reinforcement.grader, "method.reinforcement.grader")
+        if bad:  # a grader is free-form JSON: its text must still encode, or the stored job could never be shown
+            raise APIError(400, "not valid Unicode text: a lone surrogate", param=bad)
         try:
             # checked only: a python grader is compiled here, never run (it runs in the training process)
             build_grader(body.method.reinforcement.grader, allow_python_graders, "method.reinforcement.grader",
                          run_code=False)
         except GraderError as e:
             raise APIError(400, f"Invalid grader: {e}", param=e.param) from None
+
+
+def _not_unicode(value, param: str) -> str | None:
+    """Where a JSON value holds text that is not valid Unicode (a lone surrogate such as \\ud800), or None."""
+    todo = [(value, param)]
+    while todo:
+        node, where = todo.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(node, dict):
+            todo += [(k, where) for k in node] + [(v, f"{where}.{k}") for k, v in node.items()]
+        elif isinstance(node, list):
+            todo += [(v, f"{where}[{i}]") for i, v in enumerate(node)]
+    return None
 
 
 def is_loopback(host: str) -> bool:

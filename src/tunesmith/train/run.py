@@ -294,6 +294,10 @@ def replace_run_folder(run_dir: Path, log: Callable) -> None:
     """--overwrite, once the new run's model and data have loaded: a typo in the new config must not have
     cost the old run."""
     if run_dir.is_dir() and any(run_dir.iterdir()):
+        try:  # again: another process may have started training there while this run built
+            check_run_folder_free(run_dir)
+        except TunesmithError as e:
+            raise ConfigError(str(e)) from None
         shutil.rmtree(run_dir)
         log(f"--overwrite: removed the previous run in {run_dir}")
 

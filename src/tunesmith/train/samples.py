@@ -8,6 +8,8 @@ and the RNG is restored), so a run with samples trains exactly as one without.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import json
 
 import torch
@@ -20,7 +22,8 @@ def sample_replies(model, tok, prompts: list[str], template: str, max_new_tokens
     from ..generate import generate
     replies = []
     # eager under training.compile: a KV cache's shape changes at every token, and each would compile again
-    with torch.random.fork_rng(devices=[]), bf16_ctx, torch.compiler.set_stance("force_eager"):
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+    with torch.random.fork_rng(devices=[]), bf16_ctx, eager:
         for prompt in prompts:
             replies.append(generate(model, tok, [{"role": "user", "content": prompt}], max_new_tokens,
                                     template=template))

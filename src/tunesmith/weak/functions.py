@@ -84,8 +84,20 @@ class LabelingFunction:
 
 # ---- Python functions ------------------------------------------------------------------------------------
 
+def _canonical(value: Any) -> Any:
+    """`value` with sets sorted and mappings in key order, so its repr is the same in every process (a set's
+    order follows the per-process string hash)."""
+    if isinstance(value, (set, frozenset)):
+        return ("set", sorted((_canonical(v) for v in value), key=repr))
+    if isinstance(value, dict):
+        return ("dict", sorted(((repr(_canonical(k)), _canonical(v)) for k, v in value.items()), key=lambda kv: kv[0]))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_canonical(v) for v in value)
+    return value
+
+
 def _stable_repr(value: Any) -> str:
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # an address differs at every run
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(_canonical(value)))  # an address differs at every run
 
 
 def _source_file_text(fn: Callable) -> str:
@@ -100,8 +112,8 @@ def _source_file_text(fn: Callable) -> str:
             target, fn = fn.func, fn.func
         elif inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn):
             target, fn = fn, getattr(fn, "__wrapped__", None)
-        else:  # a callable object: its class's code and its own fields
-            parts.append(_stable_repr(fn))
+        else:  # a callable object: its class's code and its own fields (a default repr shows none of them)
+            parts.append(_stable_repr(fn) + _stable_repr(getattr(fn, "__dict__", None)))
             target, fn = type(fn), getattr(fn, "__wrapped__", None)
         try:
             parts.append(Path(inspect.getsourcefile(target) or "").read_text(encoding="utf-8"))
@@ -157,7 +169,14 @@ def load_python_function(ref: str, where: str, base_dir: Path | None = None, nam
     if not callable(fn):
         raise LabelingFunctionError(f"{where}: {ref} is not a function (it is a {type(fn).__name__} value)")
     fn_name = name or getattr(fn, "name", None) or getattr(fn, "__name__", attr)
-    return LabelingFunction(str(fn_name), "python", ref, f"python\0{attr}\0{_source_file_text(fn)}", vote=fn)
+    definition = _source_file_text(fn)
+    try:  # the module the reference names: it may only build the object (kw = KW('chip', 'tech'))
+        named = Path(inspect.getsourcefile(module) or "").read_text(encoding="utf-8")
+    except (TypeError, OSError):
+        named = ""
+    if named not in definition:
+        definition += "\0" + named
+    return LabelingFunction(str(fn_name), "python", ref, f"python\0{attr}\0{definition}", vote=fn)
 
 
 # ---- declarative rules -----------------------------------------------------------------------------------
