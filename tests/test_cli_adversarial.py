@@ -156,3 +156,46 @@ def test_overwrite_checks_the_lock_again_right_before_deleting(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "1", "--top-p", "-0.5"], "--top-p: must be above 0 and at most 1"),
+    (["--temperature", "1", "--top-p", "nan"], "--top-p: must be above 0 and at most 1"),
+    (["--temperature", "-1"], "--temperature: must be 0 (greedy) or a positive number"),
+    (["--temperature", "inf"], "--temperature: must be 0 (greedy) or a positive number"),
+])
+def test_sampling_flags_are_checked(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "some-run", "--prompt", "hi", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_not_utf8_is_a_clear_error():
+    from tunesmith.cli_types import unicode_text
+    with pytest.raises(TunesmithError, match="not valid UTF-8"):
+        unicode_text(b"\xed\xa0\x80 \xff".decode("utf-8", "surrogateescape"))
+
+
+def test_nproc_beyond_the_machine_is_refused(tmp_path):
+    from tunesmith.train.distributed import exec_torchrun
+    with pytest.raises(ConfigError, match=r"--nproc 100000: this machine has \d+"):
+        exec_torchrun(100000, ["train", "x.yaml"])
+
+
+def test_ctrl_c_stops_a_chat_reply_not_the_session(monkeypatch, capsys):
+    import tunesmith.generate as gen
+    lines = iter(["first", "second", "/exit"])
+    calls = []
+
+    def fake_generate(model, tok, history, *args, **kwargs):
+        calls.append([m["content"] for m in history])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return "ok"
+
+    monkeypatch.setattr(gen, "load_generator", lambda *a: (None, None, None))
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    monkeypatch.setattr("builtins.input", lambda *_: next(lines))
+    assert main(["chat", "some-run"]) == 0
+    assert "(stopped)" in capsys.readouterr().out
+    assert calls == [["first"], ["second"]]  # the stopped turn left the history

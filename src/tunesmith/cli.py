@@ -6,6 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_types import temperature_arg, top_p_arg, unicode_text, positive_int, positive_number
+from .errors import TunesmithError
+
 EPILOG_TRAIN = """\
 overrides: any config field as section.key=value, e.g.
   tunesmith train examples/bbc_lora.yaml training.lr=1e-3 training.epochs=2 adapter.r=16
@@ -16,26 +19,6 @@ The run folder (output.dir) gets config.yaml, run.json, metrics.jsonl, loss.png,
 adapter), head/ (only a new head trained) or model/ (full or partial fine-tuning). A folder that already holds
 anything is refused: --resume continues it, --overwrite replaces it.
 Ctrl-C saves a checkpoint; `--resume` continues from the latest one to the same result."""
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_number(text: str) -> float:
-    """argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
 
 
 DEVICE_HELP = "auto (a CUDA GPU if present, then MPS, else CPU; default), cpu, cuda, cuda:N or mps"
@@ -138,15 +121,21 @@ def cmd_generate(args) -> int:
         return generate_images(args)
     from .generate import generate, load_generator
     model, tok, template = load_generator(args.model, args.device, args.template)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    prompts = [unicode_text(p) for p in args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]]
     for p in prompts:
         if len(prompts) > 1:
             print(f">>> {p}")
-        reply = generate(model, tok, _messages(args, p), args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                         stream=True, template=template)
+        try:
+            reply = generate(model, tok, _messages(args, p), args.max_new_tokens, args.temperature, args.top_p,
+                             args.seed, stream=True, template=template)
+        except KeyboardInterrupt:
+            print("\n(stopped)")
+            return 130
         if not reply:
             print("(empty reply)")
     return 0
+
+
 
 
 def cmd_chat(args) -> int:
@@ -167,10 +156,19 @@ def cmd_chat(args) -> int:
         if line == "/reset":
             history = history[:1] if args.system else []
             continue
-        history.append({"role": "user", "content": line})
+        try:
+            history.append({"role": "user", "content": unicode_text(line)})
+        except TunesmithError as e:
+            print(f"error: {e}")
+            continue
         print("bot> ", end="", flush=True)
-        reply = generate(model, tok, history, args.max_new_tokens, args.temperature, args.top_p, args.seed, stream=True,
-                         template=template)
+        try:
+            reply = generate(model, tok, history, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                             stream=True, template=template)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session (the turn is dropped)
+            print("\n(stopped)")
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply})
 
 
@@ -386,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
             from .cli_diffusion import add_generate_options; add_generate_options(g)  # noqa: E702 - diffusion runs
         g.add_argument("--system", help="system message to put first")
         g.add_argument("--max-new-tokens", type=positive_int, default=128, help="longest reply in tokens (default 128)")
-        g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
-        g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+        g.add_argument("--temperature", type=temperature_arg, default=0.0, help="0 = greedy (default); >0 samples")
+        g.add_argument("--top-p", type=top_p_arg, default=1.0, help="nucleus sampling mass when sampling, in (0, 1] "
+                                                                "(default 1.0)")
         g.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
         g.add_argument("--device", default="auto", help=DEVICE_HELP)
         g.add_argument("--template", choices=["auto", "chat", "raw"], default="auto",

@@ -138,7 +138,7 @@ def add_parser(sub) -> None:
                        description="Labeling functions (YAML rules, module:function) and label models; training on "
                                    "their labels is `tunesmith train` with data.weak (docs/weak-supervision.md).")
     cmds = w.add_subparsers(dest="weak_command", required=True, metavar="COMMAND", help="analyze or label")
-    from .cli import positive_int
+    from .cli_types import positive_int
     a = cmds.add_parser("analyze", help="coverage, overlap, conflict and accuracy per function (table + PNG)",
                         description="Apply labeling functions to texts and report how they cover, overlap, conflict "
                                     "and (with --gold) how accurate they are.",

@@ -99,6 +99,10 @@ def exec_torchrun(nproc: int, argv: list[str]) -> None:
     """Replace this process by torchrun running `nproc` copies of `python -m tunesmith ARGV` on this machine
     (--standalone: a rendezvous on a free local port)."""
     import sys
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+    if nproc > devices:  # more ranks than GPUs / cores only queue behind each other (and can swamp the machine)
+        raise ConfigError(f"--nproc {nproc}: this machine has {devices} "
+                          f"{'GPUs' if torch.cuda.is_available() else 'CPU cores'}; use at most that many processes")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "tunesmith", *argv]
     sys.stdout.flush()
