@@ -128,7 +128,7 @@ def _try_lock(folder: Path):
     import errno
     import fcntl
 
-    from .errors import TunesmithError
+    from .errors import ConfigError
     f = open(folder / RUN_LOCK, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,7 +137,7 @@ def _try_lock(folder: Path):
             f.seek(0)
             holder = f.read().strip() or "?"
             f.close()
-            raise TunesmithError(f"{folder} is in use: process {holder} is training this run. Wait for it to "
+            raise ConfigError(f"{folder} is in use: process {holder} is training this run. Wait for it to "
                                  "finish (or stop it), or choose another output.dir") from None
         f.close()
         return None

@@ -251,10 +251,7 @@ def prepare_run_folder(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: b
     Returns the checkpoint to resume from."""
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output.dir and --overwrite replaces it: pass one of them")
-    try:
-        check_run_folder_free(run_dir)  # another process training it: resuming or replacing it would wreck both
-    except TunesmithError as e:
-        raise ConfigError(str(e)) from None
+    check_run_folder_free(run_dir)  # another process training it: resuming or replacing it would wreck both
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if resume:
         _check_resume_config(run_dir, cfg)
@@ -294,10 +291,7 @@ def replace_run_folder(run_dir: Path, log: Callable) -> None:
     """--overwrite, once the new run's model and data have loaded: a typo in the new config must not have
     cost the old run."""
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        try:  # again: another process may have started training there while this run built
-            check_run_folder_free(run_dir)
-        except TunesmithError as e:
-            raise ConfigError(str(e)) from None
+        check_run_folder_free(run_dir)  # again: another process may have started training there meanwhile
         shutil.rmtree(run_dir)
         log(f"--overwrite: removed the previous run in {run_dir}")
 

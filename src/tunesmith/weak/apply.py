@@ -59,8 +59,8 @@ def model_stamp(spec: str) -> str:
     if spec in PACKAGED or not path.exists():
         return spec
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return spec + "".join(f"\0{p.relative_to(path) if path.is_dir() else p.name}:{p.stat().st_size}:"
-                          f"{p.stat().st_mtime_ns}" for p in files)
+    stats = ((p.relative_to(path) if path.is_dir() else p.name, p.stat()) for p in files)
+    return spec + "".join(f"\0{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)
 
 
 def column_key(texts: str, lf: LabelingFunction, classes: list, prompt_model: str = DEFAULT_MODEL) -> str:
