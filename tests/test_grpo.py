@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama, write_jsonl
-from tunesmith.objectives.grpo import grpo_loss, group_advantages, kl_k3, sample_completions
+from tunesmith.objectives.grpo import Rollout, grpo_loss, group_advantages, kl_k3, sample_completions
 from tunesmith.rewards import RewardError, call_reward, load_reward_func, load_reward_funcs
 
 
@@ -55,6 +55,19 @@ def test_masked_positions_carry_no_loss():
     adv, ref = torch.randn(4, generator=g), torch.randn(4, 6, generator=g)
     assert torch.equal(grpo_loss(junk, junk.detach() - 0.1, adv, mask, beta=0.1, ref_logps=ref),
                        grpo_loss(logps, logps.detach() - 0.1, adv, mask, beta=0.1, ref_logps=ref))
+
+
+def test_a_masked_position_whose_kl_overflows_gives_no_nan():
+    # after EOS the policy can give a token ~100 nats less than the reference: exp(ref - logp) is inf there
+    logps = torch.tensor([[-1.0, -95.0], [-2.0, -3.0]], requires_grad=True)
+    mask, adv, ref = torch.tensor([[1, 0], [1, 1]]), torch.tensor([1.0, -1.0]), torch.tensor([[-1.0, -3.0], [-2.5, -3.0]])
+    loss = grpo_loss(logps, logps.detach(), adv, mask, beta=0.1, ref_logps=ref)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logps.grad).all()
+    assert logps.grad[0, 1] == 0 and torch.allclose(loss[0], torch.tensor(-1.0))  # ratio 1 x advantage 1, KL 0
+    rollout = Rollout(logps=logps.detach(), ref_logps=ref, mask=mask, advantages=adv, rewards=adv,
+                      sources=adv[:, None], group=2)
+    assert torch.isfinite(rollout.kl()).all() and rollout.kl()[0] == 0
 
 
 # ---- sampling and masks -----------------------------------------------------------------------------------
@@ -215,6 +228,10 @@ def test_grpo_trains_online_and_resumes_exactly(tmp_path, lm_dir, extra):
     assert 1 <= steps[0]["completion_length"] <= 6 and steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     info = json.loads((tmp_path / "full" / "run.json").read_text())
     assert info["objective"] == "grpo" and info["format"] == "prompt_only"
+    from tunesmith.train.metrics import plot_panels
+    assert [p for p, _ in plot_panels(records)] == ["loss", "mean reward", "KL to the reference",
+                                                     "completion length (tokens)"]
+    assert (tmp_path / "full" / "loss.png").exists()
 
     def crash(event):
         if event.step == 3:

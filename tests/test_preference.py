@@ -296,6 +296,12 @@ def test_dpo_trains_from_the_cli_and_resumes_exactly(tmp_path, lm_dir, extra):
     train_lines = [x for x in lines if x["event"] == "train"]
     assert len(train_lines) == 6 and {"reward_margin", "chosen_reward", "rejected_reward", "accuracy"} <= set(train_lines[0])
     assert (run / "loss.png").exists()
+    from tunesmith.train.metrics import plot_panels
+    panels = {ylabel: [label for label, rows, key in series if any(key in r for r in rows)]
+              for ylabel, series in plot_panels(lines)}
+    assert panels["rewards"] == ["train chosen reward", "eval chosen reward", "train rejected reward",
+                                 "eval rejected reward", "train reward margin", "eval reward margin"]
+    assert panels["accuracy"] == ["train accuracy", "eval accuracy"]
     full = train(run_cfg(lm_dir, data, tmp_path / "full", *extra), log=lambda *_: None)
     resumed = crash_and_resume(run_cfg(lm_dir, data, tmp_path / "crash", *extra))
     assert same_result(resumed, full)

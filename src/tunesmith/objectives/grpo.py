@@ -64,13 +64,16 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
               epsilon: float = 0.2, beta: float = 0.0, ref_logps: torch.Tensor | None = None) -> torch.Tensor:
     """Per-completion clipped-ratio loss (+ beta x KL), averaged over its completion tokens: (N,).
     logps, old_logps, ref_logps, mask (N, L); advantages (N,)."""
+    # masked positions (after EOS, padding) are zeroed before any exp: their KL term could overflow to inf, and
+    # inf * 0 (or the gradient of an unselected torch.where branch) is NaN
+    keep = mask.bool()
+    logps, old_logps = torch.where(keep, logps, 0), torch.where(keep, old_logps, 0)
     ratio = torch.exp(logps - old_logps)
     adv = advantages.unsqueeze(-1)  # (N, 1)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
     if beta and ref_logps is not None:
-        per_token = per_token + beta * kl_k3(logps, ref_logps)
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        per_token = per_token + beta * kl_k3(logps, torch.where(keep, ref_logps, 0))
+    return torch.where(keep, per_token, 0).sum(-1) / keep.sum(-1).clamp(min=1)
 
 
 def _cache(out):
@@ -145,8 +148,9 @@ class Rollout:
         """(N,) mean per-token KL of each completion to the reference."""
         if self.ref_logps is None:
             return None
-        m = self.mask.float()
-        return (kl_k3(self.logps.detach().float(), self.ref_logps.float()) * m).sum(-1) / m.sum(-1).clamp(min=1)
+        keep = self.mask.bool()  # masked positions zeroed first: their exp could overflow (see grpo_loss)
+        kl = kl_k3(torch.where(keep, self.logps.detach().float(), 0), torch.where(keep, self.ref_logps.float(), 0))
+        return kl.sum(-1) / keep.sum(-1).clamp(min=1)
 
 
 @dataclass
