@@ -199,3 +199,98 @@ def test_ctrl_c_stops_a_chat_reply_not_the_session(monkeypatch, capsys):
     assert main(["chat", "some-run"]) == 0
     assert "(stopped)" in capsys.readouterr().out
     assert calls == [["first"], ["second"]]  # the stopped turn left the history
+
+
+def test_a_relative_base_model_is_the_one_the_run_started_with(tmp_path, encoder_dir, monkeypatch):
+    """run.json keeps model.name as given; read from another folder, a relative name means the folder the run
+    started in, never a same-named folder where the reader stands (that would be another model, silently)."""
+    import shutil
+
+    from tunesmith.train.artifacts import load_run
+    project = tmp_path / "project"
+    shutil.copytree(encoder_dir, project / "base")
+    data = write_jsonl(project / "cls.jsonl", class_rows(20))
+    monkeypatch.chdir(project)
+    train(cls_config("base", data, "run", "adapter.kind=lora", "adapter.targets=[query,value]"), **QUIET)
+    want = load_run("run").model.state_dict()
+    elsewhere = project / "elsewhere"
+    import torch
+
+    from tunesmith.models import load_model
+    other = load_model(str(encoder_dir), "classification", num_labels=2)  # a folder called base here, other weights
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    other.backbone.save_pretrained(elsewhere / "base")
+    shutil.copy(encoder_dir / "tokenizer.json", elsewhere / "base")
+    monkeypatch.chdir(elsewhere)
+    got = load_run(project / "run")
+    assert got.info.model["name"] == str(project / "base")
+    # every weight equal, but the new head's untrained original (random at each load; the trained copy is used)
+    assert [k for k, v in got.model.state_dict().items() if not torch.equal(want[k], v)
+            and not k.startswith("head.original_module.")] == []
+
+
+def test_merge_never_replaces_the_run_s_own_base_model_or_the_current_folder(tmp_path, encoder_dir, monkeypatch,
+                                                                             capsys):
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(encoder_dir, base)
+    data = write_jsonl(tmp_path / "cls.jsonl", class_rows(20))
+    run = tmp_path / "run"
+    train(cls_config(base, data, run, "adapter.kind=lora", "adapter.targets=[query,value]"), **QUIET)
+    before = sorted(p.name for p in base.iterdir())
+    assert main(["merge", str(run), "--out", str(base), "--overwrite"]) == 2
+    assert "which this command reads" in capsys.readouterr().err and sorted(p.name for p in base.iterdir()) == before
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["merge", str(run), "--out", ".", "--overwrite"]) == 2
+    assert "is the current folder" in capsys.readouterr().err and (tmp_path / "work" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.seed=99999999999999999999", "training.seed: must be in [0, 2**32)"),
+    ("training.seed=-1", "training.seed: must be in [0, 2**32)"),
+    ("adapter.alpha=nan", "alpha: must be a positive number"),
+    ("adapter.alpha=inf", "alpha: must be a positive number"),
+])
+def test_out_of_range_numbers_are_config_errors(override, message):
+    import re
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["data.train=x.jsonl", "adapter.kind=lora", override])
+
+
+def test_weak_outputs_never_replace_an_input_or_a_file_without_overwrite(tmp_path, capsys):
+    from test_weak import TOPIC_RULES, topic_rows
+    data = write_jsonl(tmp_path / "d.jsonl", topic_rows(30, 0, labelled=True))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TOPIC_RULES)
+    label = ["weak", "label", "--functions", str(rules), "--data", data, "--label-model", "majority", "--out"]
+    original = open(data).read()
+    assert main([*label, data, "--overwrite"]) == 2  # the data itself: refused even with --overwrite
+    assert "is an input of this command" in capsys.readouterr().err
+    assert open(data).read() == original
+    out = tmp_path / "labelled.jsonl"
+    out.write_text("my own notes\n")
+    assert main([*label, str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == "my own notes\n"
+    assert main([*label, str(out), "--overwrite"]) == 0 and '"label"' in out.read_text()
+    analyze = ["weak", "analyze", "--functions", str(rules), "--data", data, "--out"]
+    png = tmp_path / "weak.png"
+    assert main([*analyze, str(png)]) == 0 and main([*analyze, str(png)]) == 0  # its own plot, drawn again
+    png.with_suffix(".json").write_text('{"mine": 1}')  # a file of the user's where the numbers would go
+    assert main([*analyze, str(png)]) == 2
+    assert "is not a weak analysis" in capsys.readouterr().err and "mine" in png.with_suffix(".json").read_text()
+
+
+def test_an_existing_file_that_is_not_a_plot_is_not_replaced_by_one(tmp_path):
+    from tunesmith.io import check_output_file
+    png, text = tmp_path / "grid.png", tmp_path / "grid2.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    text.write_text("results I typed\n")
+    assert check_output_file(png, "sample grid PNG", overwrite=None) == png  # drawn again
+    with pytest.raises(ConfigError, match="exists and is not a sample grid PNG; choose another file"):
+        check_output_file(text, "sample grid PNG", overwrite=None)
+    with pytest.raises(ConfigError, match="is a folder"):
+        check_output_file(tmp_path, "sample grid PNG")

@@ -173,9 +173,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .train.artifacts import load_run, write_model_folder
+    from .train.artifacts import load_run, run_base_paths, write_model_folder
     from .io import check_output_folder
-    check_output_folder(args.out, args.overwrite, "merged model")
+    check_output_folder(args.out, args.overwrite, "merged model", reads=run_base_paths(args.run))
     run = load_run(args.run, merge=True)
     write_model_folder(Path(args.out), run.model, run.tokenizer, run.info.labels, run.info.objective_params)
     head = (Path(args.out) / "head.safetensors").exists()

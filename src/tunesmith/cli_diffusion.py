@@ -73,6 +73,9 @@ def generate_images(args) -> int:
         raise TunesmithError("no prompts: pass --prompt TEXT (repeatable) or one prompt per stdin line")
     if args.steps < 1 or args.num_images < 1 or args.pixel_scale < 1:
         raise TunesmithError("--steps, --num-images and --pixel-scale must be at least 1")
+    from .io import check_output_file
+    # a grid drawn again replaces the last one; any other file (a run's own files, an input) is refused
+    out = check_output_file(args.out or Path(args.model) / "samples.png", "sample grid PNG", overwrite=None)
     run = load_run(args.model)
     device = resolve_device(args.device)
     base = run.info.model["name"]  # the base pipeline: tokenizers, VAE and scheduler (frozen, never trained)
@@ -94,7 +97,6 @@ def generate_images(args) -> int:
     else:  # a full fine-tune: the base pipeline is a second model
         from .models import load_model
         panels = [("base", sample(load_model(base, "diffusion"))), ("fine-tuned", sample(run.model))]
-    out = Path(args.out or Path(args.model) / "samples.png")
     write_grid(out, panels, prompts, args.num_images, args.pixel_scale)
     print(f"wrote {out}: {len(prompts)} prompts x {args.num_images} images, {panels[0][0]} | {panels[1][0]} "
           f"({args.steps} steps, guidance {args.guidance_scale:g}, seed {seed})")

@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
 def cmd_export(args) -> int:
     from .errors import TunesmithError
     from .export import export_gguf, export_lora_gguf
+    from .train.artifacts import run_base_paths
     if not args.gguf and not args.lora_gguf:
         raise TunesmithError("give --gguf OUT.gguf (the merged model) and/or --lora-gguf OUT.gguf (the adapter)")
     if args.gguf and args.lora_gguf and Path(args.gguf).resolve() == Path(args.lora_gguf).resolve():
@@ -30,6 +31,8 @@ def cmd_export(args) -> int:
             continue
         if Path(out).is_dir() or out.endswith(("/", "\\")):
             raise TunesmithError(f"{out} is a folder; give a file path, e.g. {Path(out) / 'model.gguf'}")
+        if any(Path(out).resolve() == Path(b).resolve() for b in run_base_paths(args.run)):
+            raise TunesmithError(f"{out} is the run's base model, which the export reads; choose another path")
         if Path(out).exists() and not args.overwrite:
             raise TunesmithError(f"{out} exists; pass --overwrite to replace it")
         if Path(out).exists() and not _is_gguf(Path(out)):  # a run's config.yaml, metrics, a user's file

@@ -48,16 +48,35 @@ def _weak_config(args):
                       cache=not args.no_cache, prompt_model=args.prompt_model)
 
 
-def _out_path(spec: str, suffixes: tuple[str, ...]) -> Path:
-    """--out, checked before any work: a file (not a folder) with one of `suffixes`; its folder is made."""
+def _out_path(args, suffixes: tuple[str, ...], what: str, replaceable=None) -> Path:
+    """--out, checked before any work: a file (not a folder) with one of `suffixes`, not one of the inputs, and
+    not an existing file unless --overwrite (or `replaceable` says it is this command's own earlier output);
+    its folder is made."""
     from .errors import ConfigError
+    from .io import check_output_file
+    spec = args.out
     out = Path(spec)
     if out.is_dir() or spec.endswith(("/", "\\")):
         raise ConfigError(f"--out {spec}: is a folder; give a file name like {out / ('weak' + suffixes[0])}")
     if out.suffix.lower() not in suffixes:
         raise ConfigError(f"--out {spec}: expected a {' / '.join(suffixes)} file, e.g. {out.with_suffix(suffixes[0])}")
+    inputs = (args.data, getattr(args, "gold", None), *[f.split(":")[0] for f in args.functions])
+    outputs = (out, out.with_suffix(".json")) if replaceable else (out,)
+    for path in outputs:
+        check_output_file(path, what, args.overwrite, inputs, replaceable)
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _analysis_output(path: Path) -> bool:
+    """An earlier `weak analyze` plot or its numbers: drawn again without --overwrite."""
+    from .io import is_image_file
+    if path.suffix != ".json":
+        return is_image_file(path)
+    try:
+        return {"data", "functions", "overall"} <= set(json.loads(path.read_text()))
+    except (ValueError, TypeError, OSError):
+        return False
 
 
 def _label(records, functions, classes, weak):
@@ -77,7 +96,7 @@ def cmd_analyze(args) -> int:
     )
     from .io import atomic_write_text
     from .weak.data import combine_votes, load_weak
-    out = _out_path(args.out, (".png", ".svg", ".pdf"))
+    out = _out_path(args, (".png", ".svg", ".pdf"), "weak analysis (plot and numbers)", _analysis_output)
     weak = _weak_config(args)
     functions, classes = load_weak(weak)
     records, _ = _texts(args.data, args.max_examples)
@@ -116,7 +135,7 @@ def cmd_label(args) -> int:
     from .io import atomic_write_text
     from .weak import predict
     from .weak.data import combine_votes, load_weak
-    out = _out_path(args.out, (".jsonl",))
+    out = _out_path(args, (".jsonl",), "labelled rows")
     weak = _weak_config(args)
     functions, classes = load_weak(weak)
     records, _ = _texts(args.data, args.max_examples)
@@ -156,6 +175,7 @@ def add_parser(sub) -> None:
         p.add_argument("--max-examples", type=positive_int, help="a seeded sample of this many rows (default all)")
         p.add_argument("--prompt-model", default="smollm2-135m-instruct", help="chat model for prompted rules")
         p.add_argument("--no-cache", action="store_true", help="recompute every column of the label matrix")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never an input)")
     a.add_argument("--gold", help="a labelled set (text + label) for each function's accuracy; may equal --data")
     a.add_argument("--out", default="weak_analysis.png", help="the PNG to write; numbers go beside it as .json "
                                                               "(default weak_analysis.png)")

@@ -339,6 +339,7 @@ class TrainingConfig:
         _require(all(isinstance(p, str) and p.strip() for p in self.sample_prompts or []),
                  "training.sample_prompts: give a list of non-empty user messages, e.g. [\"What is LoRA?\"]")
         _require(self.grad_accum >= 1, "training.grad_accum: must be at least 1")
+        _require(0 <= self.seed < 2**32, f"training.seed: must be in [0, 2**32), got {self.seed}")
         _require(0 < self.lr < math.inf, "training.lr: must be positive (typical: 2e-4 for LoRA, 2e-5 for full fine-tuning)")
         _require(self.max_steps is None or self.max_steps >= 1, "training.max_steps: must be at least 1, or null "
                                                                 "(train for training.epochs)")

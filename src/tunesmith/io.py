@@ -87,11 +87,18 @@ def is_run_folder(path: str | os.PathLike, strict: bool = False) -> bool:
     return all(found) if strict else any(found)
 
 
-def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, allow_run: bool = False) -> None:
+def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, allow_run: bool = False,
+                        reads: tuple = ()) -> None:
     """Refuse to write `what` into a folder that already holds something, unless `overwrite`; never replace a
-    run folder with something that is not a run (allow_run=False), even with `overwrite`."""
+    run folder with something that is not a run (allow_run=False), the current folder, or a folder holding what
+    the command reads (`reads`: e.g. the run's base model), even with `overwrite`."""
     from .errors import TunesmithError
     path = Path(path)
+    here = path.resolve()
+    read = next((Path(r) for r in reads if r and Path(r).exists() and Path(r).resolve().is_relative_to(here)), None)
+    if read is not None:
+        raise TunesmithError(f"{path} holds {read}, which this command reads; writing the "
+                             f"{what} there would replace it. Choose another folder")
     if path.exists() and not path.is_dir():
         raise TunesmithError(f"{path} is a file, not a folder; choose another path for the {what}")
     run = next((p for p in path.resolve().parents if is_run_folder(p, strict=True)), None)
@@ -100,6 +107,8 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, all
                              "run's own files. Choose a folder outside it")
     if not path.is_dir() or not any(path.iterdir()):
         return
+    if Path.cwd().resolve().is_relative_to(here):
+        raise TunesmithError(f"{path} is the current folder or holds it; choose another folder for the {what}")
     if is_run_folder(path) and not allow_run:
         raise TunesmithError(f"{path} holds a tunesmith run; writing the {what} there would destroy it. "
                              "Choose another folder")
@@ -112,6 +121,33 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, all
         shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
         raise TunesmithError(f"{path} is not empty ({shown}{', ...' if len(list(path.iterdir())) > 5 else ''}); "
                              f"pass --overwrite to replace it with the {what}, or choose another folder")
+
+
+IMAGE_MAGIC = (b"\x89PNG", b"%PDF", b"<?xml", b"<svg")  # what tunesmith's plots start with (PNG, PDF, SVG)
+
+
+def is_image_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(5).startswith(IMAGE_MAGIC)
+
+
+def check_output_file(path: str | os.PathLike, what: str, overwrite: bool | None = False, reads: tuple = (),
+                      replaceable=is_image_file) -> Path:
+    """A file output, checked before any work: never a folder or one of the inputs (`reads`); an existing file
+    only with `overwrite` (None: the command has no --overwrite), or where `replaceable(path)` says it is this
+    kind of output drawn again (a plot)."""
+    from .errors import ConfigError
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file name for the {what}")
+    if any(r and Path(r).exists() and Path(r).resolve() == path.resolve() for r in reads):
+        raise ConfigError(f"{path} is an input of this command; writing the {what} there would replace it. "
+                          "Choose another file")
+    if path.exists() and not overwrite and not (replaceable is not None and replaceable(path)):
+        fix = "choose another file" if overwrite is None else f"pass --overwrite to replace it with the {what}, or " \
+                                                             "choose another file"
+        raise ConfigError(f"{path} exists and is not a {what}; {fix}" if replaceable else f"{path} exists; {fix}")
+    return path
 
 
 # ---- one process per run folder ----------------------------------------------------------------------------

@@ -44,6 +44,25 @@ class RunInfo:
         return 1 if self.task == "regression" else (len(self.labels) if self.labels else None)
 
 
+def _resolve_base(info: RunInfo, path: Path) -> RunInfo:
+    """A relative base-model path means the folder the run started in, not wherever the run is read from (another
+    folder of the same name there would be a different model)."""
+    name = info.model.get("name") if isinstance(info.model, dict) else None
+    if not isinstance(name, str) or not info.started_in or Path(name).expanduser().is_absolute():
+        return info
+    from .models import PACKAGED, VISION
+    if name in PACKAGED or name in VISION:
+        return info
+    there = Path(info.started_in) / name
+    if there.exists():
+        info.model = {**info.model, "name": str(there)}
+    elif Path(name).exists():  # the project moved as a whole, most likely: say which folder is used
+        import warnings
+        warnings.warn(f"{path}: the base model {name!r} is no longer in {info.started_in}, where the run started; "
+                      f"using {Path(name).resolve()} (from this folder)", stacklevel=3)
+    return info
+
+
 def read_run_info(run_dir: Path, cfg=None) -> RunInfo:
     """The run's run.json; for a folder made before run.json existed, the same facts from config.yaml and
     labels.json (the objective then is the configured one, or sft for a language model)."""
@@ -52,9 +71,10 @@ def read_run_info(run_dir: Path, cfg=None) -> RunInfo:
     if path.exists():
         try:
             data = json.loads(path.read_text())
-            return RunInfo(**{f.name: data[f.name] for f in fields(RunInfo) if f.name in data})
+            info = RunInfo(**{f.name: data[f.name] for f in fields(RunInfo) if f.name in data})
         except (ValueError, TypeError, KeyError) as e:
             raise TunesmithError(f"{path}: unreadable ({e}); it is written by `tunesmith train`") from None
+        return _resolve_base(info, path)
     if cfg is None:
         raise TunesmithError(f"{run_dir}: not a tunesmith run folder (no {RUN_JSON} or config.yaml)")
     from .models import is_vision_model

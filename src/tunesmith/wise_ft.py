@@ -92,7 +92,9 @@ def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str
     run_dir = Path(run_dir)
     # checked before the sweep: a refusal costs nothing
     if save:
-        check_output_folder(save, overwrite, "interpolated model", allow_run=(Path(save) / "interpolation.json").exists())
+        from .train.artifacts import run_base_paths
+        check_output_folder(save, overwrite, "interpolated model", allow_run=(Path(save) / "interpolation.json").exists(),
+                            reads=(*run_base_paths(run_dir), base or "", *eval_sets.values()))
     if not eval_sets:
         raise TunesmithError("give at least one --eval NAME=DATA (e.g. --eval id=mnist:test --eval ood=digits:all)")
     if not alphas:

@@ -94,8 +94,11 @@ class LoraConfig(AdapterTargets):
         super().__post_init__()
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"r: the LoRA rank must be a positive integer, got {self.r!r} (typical: 8, 16, 32)")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        if not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
             raise ConfigError(f"alpha: must be a positive number, got {self.alpha!r} (typical: 2 * r)")
+        for key, alpha in self.alpha_pattern.items():
+            if not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+                raise ConfigError(f"alpha_pattern[{key!r}]: must be a positive number, got {alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):

@@ -108,6 +108,18 @@ def encode_eval_set(spec: str, run: LoadedRun) -> list[dict]:
     return examples
 
 
+def run_base_paths(run_dir: str | Path) -> tuple[str, ...]:
+    """The local base model (folder or .gguf file) a finished run loads, for output checks: nothing written for
+    the run may replace it. Empty for a packaged model, or where the run folder cannot tell."""
+    run_dir = Path(run_dir)
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        name = (read_run_info(run_dir, cfg).model or model_spec(cfg))["name"]
+    except Exception:  # noqa: BLE001 - load_run reports what is wrong with the folder
+        return ()
+    return (str(name),) if isinstance(name, str) and Path(name).exists() else ()
+
+
 def load_run(run_dir: str | Path, merge: bool = False) -> LoadedRun:
     """A finished run folder, as its run.json describes it."""
     run_dir = Path(run_dir)
