@@ -265,6 +265,23 @@ def test_eval_without_the_training_file_and_for_old_run_folders(tmp_path, encode
     (run / "run.json").unlink()  # a folder from before run.json: the same facts from config.yaml + labels.json
     assert main(["eval", str(run)]) == 0
     assert json.loads(capsys.readouterr().out) == first
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0  # merge and interpolate too
+    assert main(["interpolate", "--finetuned", str(run), "--alphas", "0,1", "--eval", f"held={eval_f}",
+                 "--missing", "finetuned", "--out", str(tmp_path / "sweep")]) == 0
+    assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "sweep" / "interpolation.json").exists()
+
+
+def test_generate_without_the_training_file(tmp_path, lm_dir, capsys):
+    from conftest import chat_rows
+    from tunesmith.cli import main
+    train_f = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    run = tmp_path / "run"
+    assert main(["train", f"model.name={lm_dir}", f"data.train={train_f}", "training.max_steps=1", "adapter.kind=lora",
+                 f"output.dir={run}", "--quiet"]) == 0
+    (tmp_path / "chat.jsonl").unlink()
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 def test_generate_refuses_a_non_lm_run(tmp_path, encoder_dir):
