@@ -113,8 +113,22 @@ def test_console_upload_train_watch_compare_and_chat(page):
     first = start_job(page, "2", "2", "console-a")
     second = start_job(page, "1", "1", "console-b")
     assert first != second, "the second job's message replaced the first's"
-    wait_for(lambda: status_of(page, first) == "succeeded" and status_of(page, second) == "succeeded", 300,
-             "both jobs to succeed")
+    # watched live: the second job (queued behind the first) is selected now, and its events panel fills in
+    # place as the page polls, with no reload, until it completes
+    wait_for(lambda: status_of(page, second) != "", 60, "the second job's row")
+    page.click(f'#jobs tr[data-job="{second}"] td:first-child')
+    seen: list[tuple[str, str]] = []
+
+    def both_done() -> bool:
+        seen.append((status_of(page, second), page.inner_text("#events")))
+        return status_of(page, first) == "succeeded" and status_of(page, second) == "succeeded"
+
+    wait_for(both_done, 300, "both jobs to succeed")
+    wait_for(lambda: "successfully completed" in page.inner_text("#events"), 60, "the second job's last event")
+    before_done = {text for status, text in seen if status != "succeeded" and text.strip()
+                   and "successfully completed" not in text}
+    assert before_done, f"no events were shown while the job was {sorted({s for s, _ in seen})}"
+    assert len({text for _, text in seen} | {page.inner_text("#events")}) >= 3, "the events panel updated in place"
     page.click(f'#jobs tr[data-job="{first}"] td:first-child')  # watch the first job
     wait_for(lambda: "successfully completed" in page.inner_text("#events"), 120, "the first job's events")
     events = page.inner_text("#events")
