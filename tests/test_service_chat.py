@@ -133,6 +133,27 @@ def test_a_cut_off_stream_changes_no_other_reply(fleet):
         assert r2["choices"][0]["message"]["content"] == refs[("tiny", PROMPTS[0])], "the base answered wrongly"
 
 
+def test_a_client_that_goes_away_stops_its_generation(tmp_path, lm_dir):
+    """Over HTTP: a stream dropped after its first piece stops generating (the server's log says after how many
+    tokens), well before the 400 it asked for."""
+    import re
+    log = tmp_path / "server.log"
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = start_serve("--data", str(tmp_path / "data"), "--api-key", KEY, "--model", f"tiny={lm_dir}",
+                           port=port, output=out)
+    try:
+        first_chunk_then_close(port, chat_body("tiny", PROMPTS[1], max_tokens=400) | {"temperature": 1.0})
+        deadline = time.time() + 60
+        while time.time() < deadline and "was cancelled after" not in log.read_text():
+            time.sleep(0.2)
+        found = re.search(r"cancelled after (\d+) of max 400 tokens", log.read_text())
+        assert found and int(found[1]) < 200, log.read_text()[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_cancel_stops_the_generation(fleet):
     """In process: a cancelled generation stops within a token or two, and the scheduler goes on serving."""
     from tunesmith.service.inference import Engine

@@ -10,6 +10,7 @@ going away (`Generation.cancel()`), or the engine stopping. A row whose adapter 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -240,6 +241,9 @@ class Scheduler:
     def _finish(self, g: Generation, tok, reason: str) -> None:
         if g.cancelled.is_set():
             g.push("error", "cancelled")
+            # in the server's log: an operator sees work stopped for clients that went away
+            print(f"tunesmith: a generation was cancelled after {len(g.ids)} of max {g.max_tokens} tokens (the "
+                  "client went away)", file=sys.stderr, flush=True)
             return
         if len(g.text) > g.emitted:
             g.push("text", g.text[g.emitted:])
