@@ -161,4 +161,20 @@ def test_console_upload_train_watch_compare_and_chat(page):
     shot(page, "console-chat.png")
 
     assert page.locator("img").count() == 0 and page.title() == "tunesmith", "the file name ran as markup"
+
+    # the method selector: a DPO job from an uploaded preference file (OpenAI's DPO rows), trained to the end
+    pairs = [{"input": {"messages": [{"role": "user", "content": f"{a} + {a}?"}]},
+              "preferred_output": [{"role": "assistant", "content": str(2 * a)}],
+              "non_preferred_output": [{"role": "assistant", "content": f"maybe {a}"}]} for a in range(12)]
+    page.set_input_files("#file", files=[{"name": "pairs.jsonl", "mimeType": "application/octet-stream",
+                                          "buffer": "".join(json.dumps(r) + "\n" for r in pairs).encode()}])
+    page.click("#upload")
+    wait_for(lambda: page.inner_text("#upload-msg").startswith("uploaded pairs.jsonl"), 120, "the pairs upload")
+    page.select_option("#job-train", label=next(o for o in page.locator("#job-train option").all_inner_texts()
+                                                if o.startswith("pairs.jsonl")))
+    page.select_option("#job-method", "dpo")
+    dpo = start_job(page, "1", "1", "console-dpo")
+    wait_for(lambda: status_of(page, dpo) == "succeeded", 300, "the DPO job to succeed", page)
+    method = page.evaluate(f"async () => (await api('/v1/fine_tuning/jobs/{dpo}')).method.type")
+    assert method == "dpo"
     assert page.errors == []
