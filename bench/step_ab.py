@@ -6,11 +6,13 @@ at every optimizer step; consecutive steps make pairs, so the machine's drift (a
 falls on both sides. Prints each pair's ratio and their geometric mean.
   --lever fused:   adapters/lora_fused.py against the plain four-module path; a second part times the "fuse the
                    A projections that share an input" lever on its own (q/k/v: three x A^T products or one).
+  --lever math-attention: scaled_dot_product_attention's math backend (QK^T, softmax, V as separate ops)
+                   against the CPU flash kernel that runs by default.
   --lever compile: training.compile=true, with torch.compiler.set_stance("force_eager") on the off steps;
                    steps that compiled (the first compiled one, each new batch shape) are left out and timed
                    apart: the compile cost.
 
-    python bench/step_ab.py [--lever fused|compile] [--conversations 1024] [--gradient-checkpointing true|false]
+    python bench/step_ab.py [--lever fused|compile|math-attention] [--conversations 1024] [--gradient-checkpointing true|false]
                             [--bf16 true|false]
 """
 from __future__ import annotations
@@ -45,6 +47,8 @@ def train_ab(lever: str, conversations: int, checkpointing: str, bf16: str) -> t
     def switch(on: bool) -> None:
         if lever == "fused":
             lora_fused.ENABLED = on
+        elif lever == "math-attention":  # PyTorch's explicit softmax(QK^T)V instead of its CPU flash kernel
+            torch.backends.cuda.enable_flash_sdp(not on)  # the flag PyTorch's CPU backend choice reads too
         else:
             torch.compiler.set_stance("default" if on else "force_eager")
 
@@ -93,7 +97,7 @@ def shared_input_lever(repeats: int = 200) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lever", default="fused", choices=["fused", "compile"])
+    p.add_argument("--lever", default="fused", choices=["fused", "compile", "math-attention"])
     p.add_argument("--conversations", type=int, default=1024)
     p.add_argument("--gradient-checkpointing", default="true", choices=["true", "false"])
     p.add_argument("--bf16", default="true", choices=["true", "false"])
