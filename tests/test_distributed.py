@@ -150,11 +150,21 @@ def test_two_ranks_reach_the_losses_and_weights_of_one_process(one_process, two_
 
 
 def test_only_rank_0_writes_files(two_ranks):
+    """Rank 0 writes everything, but that under FSDP each rank writes its own checkpoint shards
+    (torch.distributed.checkpoint) into the folder rank 0 renames into place."""
+    import re
     strategy, run_dir, reports = two_ranks
-    assert reports[1]["writes"] == [], f"{strategy}: rank 1 wrote {reports[1]['writes'][:5]}"
+    others = [w for w in reports[1]["writes"]
+              if not (strategy == "fsdp" and re.search(r"/checkpoints/\.step-3\.[^/]+\.tmp(/__1_0\.distcp)?$", w))]
+    assert others == [], f"{strategy}: rank 1 wrote {others[:5]}"
+    if strategy == "fsdp":
+        assert any("__1_0.distcp" in w for w in reports[1]["writes"]), "rank 1 wrote its own shards"
     seen = " ".join(reports[0]["writes"])  # the hook sees what rank 0 writes
-    for name in ("config.yaml", "metrics.jsonl", "state.safetensors", "adapter_config.json", "summary.json"):
+    sharded = ("state.json", ".metadata", "__0_0.distcp", "rng.safetensors") if strategy == "fsdp" else ("state.safetensors",)
+    for name in ("config.yaml", "metrics.jsonl", *sharded, "adapter_config.json", "summary.json"):
         assert name in seen, (name, reports[0]["writes"][:20])
+    step = run_dir / "checkpoints" / "step-3"
+    assert (step / ".metadata").exists() == (strategy == "fsdp") and (step / "state.safetensors").exists() == (strategy == "ddp")
     for name in ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "loss.png", "adapter"):
         assert (run_dir / name).exists(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-3"]
@@ -231,3 +241,64 @@ def test_train_flags_with_nproc_anywhere():
     assert (args.config, args.overrides, args.nproc, args.resume) == ("cfg.yaml", ["training.lr=1e-3"], 2, True)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--nproc", "0", "cfg.yaml"])
+
+
+def test_fsdp_full_fine_tuning_saves_the_normal_model_and_its_sharded_checkpoint_resumes_in_one_process(
+        lm_dir, data, tmp_path):
+    """No adapter: FSDP shards every weight. The result is a plain transformers folder equal to one process's; the
+    step-3 checkpoint (each rank's shards of every weight and of AdamW's state) resumes in one process to the
+    same final loss and weights."""
+    from safetensors.torch import load_file
+
+    from tunesmith.config import config_from_dict
+    from tunesmith.train import train
+
+    def full(out: Path, strategy: str = "ddp") -> dict:
+        cfg = run_config(lm_dir, data, out, strategy)
+        cfg["adapter"] = None
+        cfg["training"]["lr"] = 1e-3
+        return cfg
+
+    ref = tmp_path / "one"
+    ref_summary = train(config_from_dict(full(ref)), log=lambda *a: None)
+    run_ranks(full(tmp_path / "fsdp", "fsdp"), tmp_path / "report")
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-3" / ".metadata").exists()
+    assert_same_losses(tmp_path / "fsdp", ref)
+
+    def weights(run: Path) -> dict:
+        return load_file(str(run / "model" / "model.safetensors"))
+
+    want, got = weights(ref), weights(tmp_path / "fsdp")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=WEIGHT_ATOL)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "fsdp", cut)
+    (cut / "summary.json").unlink()
+    shutil.rmtree(cut / "model")
+    said: list[str] = []
+    from tunesmith.config import load_config
+    summary = train(load_config(cut / "config.yaml", [f"output.dir={cut}"]), resume=True, log=said.append)
+    assert any("resumed from" in s and "step-3" in s for s in said), said
+    assert summary["final_loss"] == pytest.approx(ref_summary["final_loss"], rel=LOSS_RTOL)
+    assert_same_losses(cut, ref)
+    for k, v in weights(cut).items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=WEIGHT_ATOL)
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(lm_dir, data, one_process, tmp_path):
+    """The reverse of the sharded case: whole tensors from one process, each FSDP rank keeping its shard."""
+    import yaml
+    ref, ref_summary = one_process
+    cut = tmp_path / "run"
+    shutil.copytree(ref, cut)
+    (cut / "summary.json").unlink()
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-3"]
+    assert (cut / "checkpoints" / "step-3" / "state.safetensors").exists()
+    saved = yaml.safe_load((cut / "config.yaml").read_text())
+    saved["distributed"]["strategy"] = "fsdp"
+    (cut / "config.yaml").write_text(yaml.safe_dump(saved))
+    reports = run_ranks(run_config(lm_dir, data, cut, "fsdp"), tmp_path / "report", resume=True)
+    assert not any("step-3" in w for w in reports[0]["writes"]), "it resumed after step 3, not from the start"
+    assert reports[0]["summary"]["final_loss"] == pytest.approx(ref_summary["final_loss"], rel=LOSS_RTOL)
+    assert_same_losses(cut, ref)

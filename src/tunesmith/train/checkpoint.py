@@ -1,6 +1,8 @@
 """Checkpoints a run can resume from exactly: trainable weights, buffers, optimizer, scheduler, RNG, data
 position. Tensors go to safetensors and the rest to JSON (never pickle); each checkpoint folder appears
-atomically, so a kill at any moment leaves the previous one intact."""
+atomically, so a kill at any moment leaves the previous one intact. Under FSDP each process writes its own
+shards with torch.distributed.checkpoint instead (no process holds the whole state); either kind resumes
+under any number of processes."""
 from __future__ import annotations
 
 import json
@@ -16,11 +18,6 @@ from ..errors import TunesmithError
 from ..io import atomic_directory, atomic_write_bytes, atomic_write_text
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: an FSDP2-sharded one (DTensor) is gathered, a collective every rank calls in turn."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _shaped_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """`full`, laid out as `param`: sharded as it is when `param` is an FSDP2 DTensor (any world size)."""
     if not hasattr(param, "device_mesh") or full.shape != param.shape:
@@ -33,7 +30,7 @@ def _shaped_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {f"param.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     out.update({f"buffer.{n}": b for n, b in model.named_buffers() if b is not None})
-    return {k: _full(v.detach()).cpu().contiguous().clone() for k, v in out.items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -42,7 +39,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"opt.{idx}.{key}"] = _full(value.detach()).cpu().contiguous().clone()
+                tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous().clone()
             else:
                 scalars[f"{idx}.{key}"] = value
     groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
@@ -56,8 +53,7 @@ def save_checkpoint(folder: Path, model: nn.Module, opt, scheduler, trainer_stat
 
 def checkpoint_contents(model: nn.Module, opt, scheduler, trainer_state: dict,
                         rng_state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, meta) of a checkpoint: whole tensors, also of a model sharded by FSDP2 (under torchrun every
-    rank calls this, and rank 0 writes)."""
+    """(tensors, meta) of a one-process checkpoint (also DDP's, which rank 0 writes): whole tensors."""
     rng_state = rng_state or capture_rng()
     tensors = _model_tensors(model)
     opt_tensors, opt_meta = _optimizer_tensors(opt)
@@ -95,14 +91,78 @@ def _py_state_to_json(state):
     return [version, list(internal), gauss]
 
 
+SHARDED_MARKER = ".metadata"  # torch.distributed.checkpoint's index file: a sharded (FSDP) checkpoint
+RNG_FILE = "rng.safetensors"  # a sharded checkpoint's RNG state (rank 0's, as a one-process checkpoint holds)
+
+
+def _sharded_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    # what trains, as the one-process format keeps; putting it back leaves the frozen weights as they are (dcp.load
+    # has already refused a checkpoint that lacks any trainable tensor)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def save_sharded_checkpoint(folder: Path, model: nn.Module, opt, scheduler, trainer_state: dict, is_main: bool) -> Path:
+    """FSDP, on every rank: each writes its shards of what trains and of the optimizer state
+    (torch.distributed.checkpoint) into one temp folder that rank 0 makes, adds state.json and the RNG to and
+    renames into place once all have written. A kill before the rename leaves the last checkpoint as it was."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    def write(tmp: Path) -> None:
+        model_state, optim_state = get_state_dict(model, opt, options=_sharded_options())
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))  # collective; fsyncs
+
+    if not is_main:
+        name = [None]
+        dist.broadcast_object_list(name, src=0)
+        write(Path(name[0]))
+        dist.barrier()  # rank 0 renames once every shard is on disk
+        return folder
+    with atomic_directory(folder) as tmp:
+        dist.broadcast_object_list([str(tmp)], src=0)
+        write(tmp)
+        rng = capture_rng()
+        tensors = {"rng.torch": rng["torch"], **{f"rng.cuda.{i}": st for i, st in enumerate(rng.get("cuda", []))}}
+        atomic_write_bytes(tmp / RNG_FILE, st_save(tensors))
+        meta = {"trainer": trainer_state, "scheduler": scheduler.state_dict(), "rng_python": rng["python"],
+                "format": "torch.distributed.checkpoint"}
+        meta["scheduler"].pop("lr_lambdas", None)
+        dist.barrier()
+        atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1, default=_jsonable))
+    return folder
+
+
+def _load_sharded(folder: Path, model: nn.Module, opt) -> dict[str, torch.Tensor]:
+    """The weights and optimizer state of a sharded checkpoint, resharded for this run's processes (or into a
+    model of one process); returns its RNG tensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(model, opt, options=_sharded_options())
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_sharded_options(strict=False))
+    return load_file(str(folder / RNG_FILE))
+
+
 def load_checkpoint(folder: Path, model: nn.Module, opt, scheduler) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the trainer state (step, data position, ...)."""
+    """Restore everything `save_checkpoint` (or `save_sharded_checkpoint`) wrote; returns the trainer state
+    (step, data position, ...)."""
     file = folder / "state.safetensors"
     try:
-        tensors = load_file(str(file))
         meta = json.loads((folder / "state.json").read_text())
+        if (folder / SHARDED_MARKER).exists():
+            tensors = _load_sharded(folder, model, opt)
+        else:
+            tensors = load_file(str(file))
     except Exception as e:  # noqa: BLE001 - any corruption gets the same clear message
-        raise TunesmithError(f"{folder}: checkpoint is unreadable ({e}); delete it to resume from the one before") from None
+        raise TunesmithError(f"{folder}: checkpoint is unreadable or does not fit this run ({type(e).__name__}: "
+                             f"{str(e)[:300]}); delete it to resume from the one before (adapter/freeze settings "
+                             "must match the original run)") from None
+    if (folder / SHARDED_MARKER).exists():
+        return _restore_rest(meta, tensors, scheduler, opt)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     missing = [n for n, p in params.items() if p.requires_grad and f"param.{n}" not in tensors]
@@ -126,6 +186,11 @@ def load_checkpoint(folder: Path, model: nn.Module, opt, scheduler) -> dict:
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    return _restore_rest(meta, tensors, scheduler, opt)
+
+
+def _restore_rest(meta: dict, tensors: dict[str, torch.Tensor], scheduler, opt) -> dict:
+    """The scheduler and RNG states of either kind of checkpoint; returns the trainer state."""
     sched = dict(meta["scheduler"])
     sched["lr_lambdas"] = [None] * len(opt.param_groups)
     scheduler.load_state_dict(sched)

@@ -266,20 +266,23 @@ def train_step_distributed(run):
 
 
 def save_checkpoint_distributed(run, rng: dict | None = None) -> Path | None:
-    """A checkpoint in the one-process format: FSDP's shards gathered (every rank), written by rank 0.
-    `rng` is given after an interrupt, when the ranks may have stopped at different points: rank 0 writes
-    what it holds under DDP; FSDP's shards cannot be gathered then, and the run resumes from its last checkpoint."""
-    from .checkpoint import checkpoint_contents, prune_checkpoints, write_checkpoint
+    """DDP: rank 0 writes the one-process format (it holds everything). FSDP: every rank writes its shards
+    (torch.distributed.checkpoint), so no rank gathers the whole state. `rng` is given after an interrupt, when
+    the ranks may have stopped at different points: rank 0 writes what it holds under DDP; FSDP's ranks cannot
+    write together then, and the run resumes from its last checkpoint."""
+    from .checkpoint import checkpoint_contents, prune_checkpoints, save_sharded_checkpoint, write_checkpoint
     d = run.dist
     folder = run.run_dir / "checkpoints" / f"step-{run.state.step}"
     if rng is not None and d.strategy == "fsdp":
-        run.log("FSDP: an interrupted run keeps its last checkpoint (the shards of this step cannot be gathered)")
+        run.log("FSDP: an interrupted run keeps its last checkpoint (the ranks cannot write this step's shards "
+                "together)")
         return None
-    if d.strategy == "fsdp" or d.is_main:
-        contents = checkpoint_contents(run.model, run.opt, run.sched, asdict(run.state), rng)
-        if d.is_main:
-            write_checkpoint(folder, *contents)
-            prune_checkpoints(run.run_dir, run.cfg.training.keep_checkpoints)
+    if d.strategy == "fsdp":
+        save_sharded_checkpoint(folder, run.model, run.opt, run.sched, asdict(run.state), d.is_main)
+    elif d.is_main:
+        write_checkpoint(folder, *checkpoint_contents(run.model, run.opt, run.sched, asdict(run.state), rng))
+    if d.is_main:
+        prune_checkpoints(run.run_dir, run.cfg.training.keep_checkpoints)
     if rng is None:
         dist.barrier()  # the checkpoint is on disk before any rank goes on
     return folder
@@ -303,6 +306,8 @@ def finish_distributed(run, before: dict):
 def fill_skeleton(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """The weightless copy made before sharding, with the gathered whole weights put in (on the CPU)."""
     missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
+    if hasattr(skeleton, "tie_weights"):  # assign=True gave tied weights (lm_head = embeddings) separate tensors
+        skeleton.tie_weights()
     meta = [n for n, p in skeleton.named_parameters() if p.is_meta]
     if meta or unexpected:
         raise TunesmithError(f"FSDP: the gathered state does not fit the model (no weights for {meta[:3]}, "
