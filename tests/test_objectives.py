@@ -314,3 +314,17 @@ def test_new_objectives_resume_exactly_after_a_crash(rows, tmp_path, encoder_dir
     resumed = train(cfg, resume=True, log=lambda *_: None)
     assert {k: v for k, v in resumed.items() if k.startswith("eval_") or k.endswith("_loss")} == \
         {k: v for k, v in full.items() if k.startswith("eval_") or k.endswith("_loss")}
+
+
+def test_the_loop_knows_no_task():
+    """Issue 10's design rule: the training loop imports nothing from vision/ and branches on no task name,
+    pixel_values or label sentinel; objectives and the data side carry those."""
+    import ast
+    import inspect
+
+    from tunesmith.train import loop
+    source = inspect.getsource(loop)
+    imported = [node.module or "" for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)]
+    assert not [m for m in imported if "vision" in m.split(".")], imported
+    for needle in ("task ==", "pixel_values", "-100", "tokenizer is None"):
+        assert needle not in source, needle
