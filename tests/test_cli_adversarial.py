@@ -226,6 +226,10 @@ def test_a_relative_base_model_is_the_one_the_run_started_with(tmp_path, encoder
     monkeypatch.chdir(elsewhere)
     got = load_run(project / "run")
     assert got.info.model["name"] == str(project / "base")
+    from tunesmith.cli import _settle_run_folder  # `train RUN --resume` from here reads the same base
+    cfg = load_config(project / "run" / "config.yaml")
+    _settle_run_folder(cfg, project / "run", [])
+    assert cfg.model.name == str(project / "base")
     # every weight equal, but the new head's untrained original (random at each load; the trained copy is used)
     assert [k for k, v in got.model.state_dict().items() if not torch.equal(want[k], v)
             and not k.startswith("head.original_module.")] == []
@@ -284,13 +288,52 @@ def test_weak_outputs_never_replace_an_input_or_a_file_without_overwrite(tmp_pat
     assert "is not a weak analysis" in capsys.readouterr().err and "mine" in png.with_suffix(".json").read_text()
 
 
-def test_an_existing_file_that_is_not_a_plot_is_not_replaced_by_one(tmp_path):
+@pytest.mark.parametrize("suffix", [".png", ".svg", ".pdf"])
+def test_only_a_plot_tunesmith_drew_is_drawn_over_without_overwrite(tmp_path, suffix):
+    from PIL import Image
+
     from tunesmith.io import check_output_file
-    png, text = tmp_path / "grid.png", tmp_path / "grid2.png"
-    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    from tunesmith.train.metrics import plot_losses
+    ours, photo, text = tmp_path / f"loss{suffix}", tmp_path / "photo.png", tmp_path / "grid2.png"
+    plot_losses([{"event": "train", "step": 1, "loss": 0.7}], ours)
+    Image.new("RGB", (4, 4)).save(photo)  # a user's own picture
     text.write_text("results I typed\n")
-    assert check_output_file(png, "sample grid PNG", overwrite=None) == png  # drawn again
-    with pytest.raises(ConfigError, match="exists and is not a sample grid PNG; choose another file"):
-        check_output_file(text, "sample grid PNG", overwrite=None)
+    assert check_output_file(ours, "plot", overwrite=None) == ours  # drawn again
+    for theirs in (photo, text):
+        with pytest.raises(ConfigError, match="exists and is not a plot; choose another file"):
+            check_output_file(theirs, "plot", overwrite=None)
+    assert check_output_file(photo, "plot", overwrite=True) == photo  # --overwrite says so
     with pytest.raises(ConfigError, match="is a folder"):
-        check_output_file(tmp_path, "sample grid PNG")
+        check_output_file(tmp_path, "plot")
+
+
+def test_pruning_removes_what_a_killed_save_left(tmp_path):
+    """kill -9 during a save leaves a hidden temp folder (the rename never came); the next save's pruning
+    removes it with the checkpoints beyond keep_checkpoints, and never a finished one it keeps."""
+    from tunesmith.train.checkpoint import latest_checkpoint, prune_checkpoints
+    ckpts = tmp_path / "checkpoints"
+    for name in ("step-2", "step-4", "step-6", ".step-8.k2j3.tmp", ".step-6.old"):
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "step-6"  # a temp folder is never resumed from
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-4", "step-6"]
+
+
+def test_export_never_writes_over_what_it_reads(tmp_path, capsys):
+    model = tmp_path / "my model #1.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)  # the user's only copy of a quantized model
+    assert main(["export", str(model), "--gguf", str(model), "--overwrite"]) == 2
+    assert "is what the export reads" in capsys.readouterr().err
+    assert model.read_bytes() == b"GGUF" + b"\0" * 60
+
+
+def test_interpolate_never_saves_over_its_eval_data(finished, tmp_path, capsys):
+    import shutil
+    run, data = finished
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    held = shutil.copy(data, evals / "held out.jsonl")
+    args = ["interpolate", "--finetuned", str(run), "--alphas", "0,1", "--eval", f"d={held}", "--missing", "finetuned"]
+    assert main([*args, "--save", str(evals), "--overwrite"]) == 2
+    assert "which this command reads" in capsys.readouterr().err and (evals / "held out.jsonl").exists()

@@ -406,6 +406,9 @@ def test_kohya_strict_refuses_unmapped_keys(sd, tmp_path):
     with pytest.raises(TunesmithError, match="--strict: 3 of"):
         import_kohya(file, sd, tmp_path / "out", strict=True)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(TunesmithError, match="which this command reads"):  # --out holding the source file
+        import_kohya(file, sd, tmp_path, overwrite=True)
+    assert file.exists()
 
 
 def test_kohya_sgm_named_unet_keys_map_as_diffusers_maps_them(sd, tmp_path):

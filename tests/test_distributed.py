@@ -302,3 +302,22 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(lm_dir, data, one_process, 
     assert not any("step-3" in w for w in reports[0]["writes"]), "it resumed after step 3, not from the start"
     assert reports[0]["summary"]["final_loss"] == pytest.approx(ref_summary["final_loss"], rel=LOSS_RTOL)
     assert_same_losses(cut, ref)
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]], ids=["tied", "tied_head_trained"])
+def test_the_saved_skeleton_keeps_tied_weights_tied(modules_to_save):
+    """FSDP's result is the weightless copy filled with the gathered state (assign=True splits shared tensors):
+    tied embeddings are shared again, also where an adapter wraps the tied head (its .weight passes through)."""
+    from conftest import tiny_llama
+    from tunesmith.adapters import LoraConfig, add_adapter
+    from tunesmith.train.distributed import fill_skeleton, weightless_copy
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    extra = {"modules_to_save": modules_to_save} if modules_to_save else {}
+    add_adapter(model, LoraConfig(targets=["q_proj"], r=2, **extra))
+    filled = fill_skeleton(weightless_copy(model), {k: v.clone() for k, v in model.state_dict().items()})
+    head = filled.lm_head.original_module if modules_to_save else filled.lm_head
+    assert head.weight is filled.model.embed_tokens.weight
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(filled(ids).logits, model.eval()(ids).logits)

@@ -27,7 +27,7 @@ DEVICE_HELP = "auto (a CUDA GPU if present, then MPS, else CPU; default), cpu, c
 def _settle_run_folder(cfg, run_folder: Path, overrides: list[str]) -> None:
     """`train RUN_FOLDER`: the folder named is the run (its saved output.dir may be relative to wherever it
     started), and a relative model or data path saved in config.yaml is read from the folder the run started in
-    (run.json's started_in) when it is not there from here."""
+    (run.json's started_in), even where this folder has one of that name; from here only when it is gone there."""
     from .data.builtin import is_named_dataset
     from .errors import TunesmithError
     from .runinfo import read_run_info
@@ -41,12 +41,15 @@ def _settle_run_folder(cfg, run_folder: Path, overrides: list[str]) -> None:
     for section, key in (("data", "train"), ("data", "eval"), ("model", "name")):
         part = getattr(cfg, section)
         value = getattr(part, key)
-        if not value or f"{section}.{key}" in given or Path(value).is_absolute() or Path(value).exists() \
-                or is_named_dataset(value):
+        if not value or f"{section}.{key}" in given or Path(value).is_absolute() or is_named_dataset(value):
             continue
-        if started and (Path(started) / value).exists():
-            setattr(part, key, str(Path(started) / value))
-            print(f"{section}.{key}: {value!r} read from {Path(started) / value} (the folder the run started in)")
+        there = Path(started) / value if started else None
+        if there is not None and there.exists():  # what the run read, even if this folder has one of that name
+            if not (Path(value).exists() and Path(value).resolve() == there.resolve()):
+                setattr(part, key, str(there))
+                print(f"{section}.{key}: {value!r} read from {there} (the folder the run started in)")
+        elif Path(value).exists():  # the project moved as a whole: the same relative path from here
+            continue
         elif section == "data":
             raise SystemExit(f"{section}.{key}: {value!r} is relative, as saved in {run_folder / 'config.yaml'}, and "
                              f"is not there from this folder ({Path.cwd()})"

@@ -73,9 +73,10 @@ def generate_images(args) -> int:
         raise TunesmithError("no prompts: pass --prompt TEXT (repeatable) or one prompt per stdin line")
     if args.steps < 1 or args.num_images < 1 or args.pixel_scale < 1:
         raise TunesmithError("--steps, --num-images and --pixel-scale must be at least 1")
-    from .io import check_output_file
+    from .io import check_output_file, is_tunesmith_plot
     # a grid drawn again replaces the last one; any other file (a run's own files, an input) is refused
-    out = check_output_file(args.out or Path(args.model) / "samples.png", "sample grid PNG", overwrite=None)
+    out = check_output_file(args.out or Path(args.model) / "samples.png", "sample grid PNG", overwrite=None,
+                            replaceable=(lambda p: True) if args.out is None else is_tunesmith_plot)  # the run's own
     run = load_run(args.model)
     device = resolve_device(args.device)
     base = run.info.model["name"]  # the base pipeline: tokenizers, VAE and scheduler (frozen, never trained)

@@ -31,8 +31,9 @@ def cmd_export(args) -> int:
             continue
         if Path(out).is_dir() or out.endswith(("/", "\\")):
             raise TunesmithError(f"{out} is a folder; give a file path, e.g. {Path(out) / 'model.gguf'}")
-        if any(Path(out).resolve() == Path(b).resolve() for b in run_base_paths(args.run)):
-            raise TunesmithError(f"{out} is the run's base model, which the export reads; choose another path")
+        if any(Path(out).resolve() == Path(b).expanduser().resolve() for b in (args.run, *run_base_paths(args.run))):
+            raise TunesmithError(f"{out} is what the export reads (the run's base model, or the model given); "
+                                 "choose another path")
         if Path(out).exists() and not args.overwrite:
             raise TunesmithError(f"{out} exists; pass --overwrite to replace it")
         if Path(out).exists() and not _is_gguf(Path(out)):  # a run's config.yaml, metrics, a user's file

@@ -70,9 +70,9 @@ def _out_path(args, suffixes: tuple[str, ...], what: str, replaceable=None) -> P
 
 def _analysis_output(path: Path) -> bool:
     """An earlier `weak analyze` plot or its numbers: drawn again without --overwrite."""
-    from .io import is_image_file
+    from .io import is_tunesmith_plot
     if path.suffix != ".json":
-        return is_image_file(path)
+        return is_tunesmith_plot(path)
     try:
         return {"data", "functions", "overall"} <= set(json.loads(path.read_text()))
     except (ValueError, TypeError, OSError):

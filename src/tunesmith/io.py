@@ -95,7 +95,8 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, all
     from .errors import TunesmithError
     path = Path(path)
     here = path.resolve()
-    read = next((Path(r) for r in reads if r and Path(r).exists() and Path(r).resolve().is_relative_to(here)), None)
+    read = next((Path(r).expanduser() for r in reads if r and Path(r).expanduser().exists()
+                 and Path(r).expanduser().resolve().is_relative_to(here)), None)
     if read is not None:
         raise TunesmithError(f"{path} holds {read}, which this command reads; writing the "
                              f"{what} there would replace it. Choose another folder")
@@ -124,23 +125,31 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, all
 
 
 IMAGE_MAGIC = (b"\x89PNG", b"%PDF", b"<?xml", b"<svg")  # what tunesmith's plots start with (PNG, PDF, SVG)
+PLOT_TAG = "tunesmith"  # written into every plot's metadata: what may be drawn again without --overwrite
 
 
-def is_image_file(path: Path) -> bool:
+def plot_metadata(path: str | os.PathLike) -> dict:
+    """matplotlib savefig(metadata=...) that tags a plot as tunesmith's (PNG text chunk, SVG/PDF creator)."""
+    return {"Software": PLOT_TAG} if Path(path).suffix.lower() == ".png" else {"Creator": PLOT_TAG}
+
+
+def is_tunesmith_plot(path: Path) -> bool:
+    """A PNG/PDF/SVG that tunesmith drew (its tag sits in the file's first bytes): safe to draw again."""
     with open(path, "rb") as f:
-        return f.read(5).startswith(IMAGE_MAGIC)
+        head = f.read(1 << 16)
+    return head.startswith(IMAGE_MAGIC) and PLOT_TAG.encode() in head
 
 
 def check_output_file(path: str | os.PathLike, what: str, overwrite: bool | None = False, reads: tuple = (),
-                      replaceable=is_image_file) -> Path:
+                      replaceable=is_tunesmith_plot) -> Path:
     """A file output, checked before any work: never a folder or one of the inputs (`reads`); an existing file
     only with `overwrite` (None: the command has no --overwrite), or where `replaceable(path)` says it is this
-    kind of output drawn again (a plot)."""
+    kind of output drawn again (by default: a plot tunesmith drew)."""
     from .errors import ConfigError
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give a file name for the {what}")
-    if any(r and Path(r).exists() and Path(r).resolve() == path.resolve() for r in reads):
+    if any(r and Path(r).expanduser().exists() and Path(r).expanduser().resolve() == path.resolve() for r in reads):
         raise ConfigError(f"{path} is an input of this command; writing the {what} there would replace it. "
                           "Choose another file")
     if path.exists() and not overwrite and not (replaceable is not None and replaceable(path)):

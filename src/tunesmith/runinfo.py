@@ -59,7 +59,7 @@ def _resolve_base(info: RunInfo, path: Path) -> RunInfo:
     elif Path(name).exists():  # the project moved as a whole, most likely: say which folder is used
         import warnings
         warnings.warn(f"{path}: the base model {name!r} is no longer in {info.started_in}, where the run started; "
-                      f"using {Path(name).resolve()} (from this folder)", stacklevel=3)
+                      f"using {Path(name).resolve()} (from this folder)", stacklevel=1)  # one place: said once
     return info
 
 

@@ -287,7 +287,7 @@ def import_kohya(source: str | Path, base: str | Path, out: str | Path, *, stric
     format plus diffusers' LoRA files and import_report.json). With `strict`, any key not mapped is an error
     and nothing is written."""
     from .pipeline import load_diffusion_model
-    check_output_folder(out, overwrite, "imported adapter")
+    check_output_folder(out, overwrite, "imported adapter", reads=(str(source), str(base)))
     tensors = read_safetensors(source)
     model = load_diffusion_model(base)
     report = ImportReport(str(source), str(base))

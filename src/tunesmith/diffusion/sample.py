@@ -72,8 +72,13 @@ def grid_png(panels: list[tuple[str, torch.Tensor]], prompts: list[str], per_pro
                 grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (x0 + j * w, head_h + i * h))
     for i, prompt in enumerate(prompts):
         draw.text((4, head_h + i * h + h // 2 - 5), prompt, fill="black")
+    from PIL.PngImagePlugin import PngInfo
+
+    from ..io import PLOT_TAG
+    info = PngInfo()
+    info.add_text("Software", PLOT_TAG)  # drawn again over itself without --overwrite (io.is_tunesmith_plot)
     buf = io.BytesIO()
-    grid.save(buf, format="PNG")
+    grid.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 

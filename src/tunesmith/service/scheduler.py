@@ -155,7 +155,7 @@ class Scheduler:
         live = [g for g in self.pending if not g.cancelled.is_set()]
         for g in self.pending:
             if g.cancelled.is_set():
-                g.push("error", "cancelled")
+                _cancelled(g)
         first = live[0] if live else None
         if first is None:
             self.pending = []
@@ -240,10 +240,7 @@ class Scheduler:
 
     def _finish(self, g: Generation, tok, reason: str) -> None:
         if g.cancelled.is_set():
-            g.push("error", "cancelled")
-            # in the server's log: an operator sees work stopped for clients that went away
-            print(f"tunesmith: a generation was cancelled after {len(g.ids)} of max {g.max_tokens} tokens (the "
-                  "client went away)", file=sys.stderr, flush=True)
+            _cancelled(g)
             return
         if len(g.text) > g.emitted:
             g.push("text", g.text[g.emitted:])
@@ -254,6 +251,13 @@ class Scheduler:
         prompt = len(g.prompt_ids)
         g.push("done", {"finish_reason": reason, "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                                                             "total_tokens": prompt + completion}})
+
+
+def _cancelled(g: Generation) -> None:
+    """End a cancelled generation; the server's log says how far it got (an operator sees the work stopped)."""
+    g.push("error", "cancelled")
+    print(f"tunesmith: a generation was cancelled after {len(g.ids)} of max {g.max_tokens} tokens (its client went "
+          "away, or another choice of its request failed)", file=sys.stderr, flush=True)
 
 
 def _eos_ids(model, tok) -> set[int]:

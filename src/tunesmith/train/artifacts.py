@@ -117,7 +117,8 @@ def run_base_paths(run_dir: str | Path) -> tuple[str, ...]:
         name = (read_run_info(run_dir, cfg).model or model_spec(cfg))["name"]
     except Exception:  # noqa: BLE001 - load_run reports what is wrong with the folder
         return ()
-    return (str(name),) if isinstance(name, str) and Path(name).exists() else ()
+    path = Path(name).expanduser() if isinstance(name, str) else None  # resolve_model expands ~ too
+    return (str(path),) if path is not None and path.exists() else ()
 
 
 def load_run(run_dir: str | Path, merge: bool = False) -> LoadedRun:

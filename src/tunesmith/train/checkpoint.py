@@ -209,6 +209,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; also remove what a save killed midway left (.step-N.*.tmp / .old
+    folders: never read, but a full fine-tune's weights and optimizer state). Called by the run's one writer,
+    after its own save, so no other save is under way."""
     folders = sorted((p for p in (run_dir / "checkpoints").glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
-    for old in folders[:-keep] if keep > 0 else []:
+    stale = [*(run_dir / "checkpoints").glob(".step-*.tmp"), *(run_dir / "checkpoints").glob(".step-*.old")]
+    for old in [*(folders[:-keep] if keep > 0 else []), *stale]:
         shutil.rmtree(old, ignore_errors=True)

@@ -305,9 +305,15 @@ def finish_distributed(run, before: dict):
 
 def fill_skeleton(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """The weightless copy made before sharding, with the gathered whole weights put in (on the CPU)."""
+    groups: dict[int, list[str]] = {}  # names of one shared parameter (tied embeddings), before assign splits them
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
     missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
-    if hasattr(skeleton, "tie_weights"):  # assign=True gave tied weights (lm_head = embeddings) separate tensors
-        skeleton.tie_weights()
+    for names in (g for g in groups.values() if len(g) > 1):  # share again whichever tensor was loaded
+        loaded = next((skeleton.get_parameter(n) for n in names if not skeleton.get_parameter(n).is_meta), None)
+        for name in names if loaded is not None else ():
+            owner, _, leaf = name.rpartition(".")
+            skeleton.get_submodule(owner)._parameters[leaf] = loaded  # not setattr: adapter wrappers pass .weight on
     meta = [n for n, p in skeleton.named_parameters() if p.is_meta]
     if meta or unexpected:
         raise TunesmithError(f"FSDP: the gathered state does not fit the model (no weights for {meta[:3]}, "

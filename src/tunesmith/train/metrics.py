@@ -78,6 +78,7 @@ def plot_losses(records: list[dict], out: Path, title: str = "") -> Path | None:
         ax.legend()
     fig.suptitle(title or "training")
     fig.tight_layout()
-    fig.savefig(out)
+    from ..io import plot_metadata
+    fig.savefig(out, metadata=plot_metadata(out))
     plt.close(fig)
     return out

@@ -136,6 +136,7 @@ def plot_stats(stats: list[FunctionStats], overall: dict, out: Path, title: str 
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    from ..io import plot_metadata
+    fig.savefig(out, metadata=plot_metadata(out))
     plt.close(fig)
     return out
