@@ -337,3 +337,12 @@ def test_interpolate_never_saves_over_its_eval_data(finished, tmp_path, capsys):
     args = ["interpolate", "--finetuned", str(run), "--alphas", "0,1", "--eval", f"d={held}", "--missing", "finetuned"]
     assert main([*args, "--save", str(evals), "--overwrite"]) == 2
     assert "which this command reads" in capsys.readouterr().err and (evals / "held out.jsonl").exists()
+
+
+def test_a_home_path_in_a_config_means_the_home_folder(tmp_path, monkeypatch):
+    """YAML and quoted overrides do not go through the shell: `~/runs/x` must not become a folder named ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["data.train=~/data/train.jsonl", "data.eval=~/data/eval.jsonl", "output.dir=~/runs/x"])
+    assert (cfg.data.train, cfg.data.eval, cfg.output.dir) == (
+        f"{tmp_path}/data/train.jsonl", f"{tmp_path}/data/eval.jsonl", f"{tmp_path}/runs/x")
+    assert load_config(None, ["data.train=bbc-news:train"]).data.train == "bbc-news:train"

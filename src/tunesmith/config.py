@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,11 @@ def data_formats() -> tuple[str, ...]:
     """auto or a known data format, read when called."""
     from .data.formats import FORMATS
     return ("auto", *FORMATS)
+
+
+def _home(path):
+    """`~/x` as the shell would expand it (a YAML file or a quoted override does not), so no folder named ~."""
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
 
 
 def _require(ok: bool, message: str) -> None:
@@ -179,6 +185,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if isinstance(self.weak, dict):  # a nested section: built (and checked) like every other
             self.weak = build(WeakConfig, self.weak, "data.weak")
+        self.train, self.eval = _home(self.train), _home(self.eval)
         formats = data_formats()
         _require(self.format in formats, f"data.format: must be one of {', '.join(formats)}; got {self.format!r}")
         _require(0 <= self.eval_fraction < 1, "data.eval_fraction: must be in [0, 1)")
@@ -387,6 +394,7 @@ class OutputConfig:
     ./mlruns), `trackio` (TRACKIO_DIR). See [ecosystem.md](ecosystem.md)."""
 
     def __post_init__(self) -> None:
+        self.dir = _home(self.dir)
         from .trackers import TRACKERS
         unknown = [t for t in self.report_to if t not in TRACKERS]
         _require(not unknown, f"output.report_to: unknown tracker {', '.join(map(repr, unknown))}; use any of "
