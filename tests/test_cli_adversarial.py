@@ -346,3 +346,21 @@ def test_a_home_path_in_a_config_means_the_home_folder(tmp_path, monkeypatch):
     assert (cfg.data.train, cfg.data.eval, cfg.output.dir) == (
         f"{tmp_path}/data/train.jsonl", f"{tmp_path}/data/eval.jsonl", f"{tmp_path}/runs/x")
     assert load_config(None, ["data.train=bbc-news:train"]).data.train == "bbc-news:train"
+
+
+def test_generation_stays_inside_the_model_s_context(lm_dir):
+    """The tiny model has 512 positions: a reply asked for more stops at the context, and a prompt past it is a
+    clear error (a model with learned positions would fail on an index; a rotary one degrades)."""
+    from tunesmith.generate import chat_prompt_ids, generate
+    from tunesmith.models import load_model, load_tokenizer
+    model, tok = load_model(str(lm_dir), "causal_lm").eval(), load_tokenizer(str(lm_dir))
+    messages = [{"role": "user", "content": "cats " * 200}]
+    prompt = chat_prompt_ids(tok, messages, "chat").shape[1]
+    assert 200 < prompt < 512
+    calls = []
+    original = model.generate
+    model.generate = lambda ids, **kw: calls.append(kw["max_new_tokens"]) or original(ids, **kw)
+    generate(model, tok, messages, max_new_tokens=100_000)
+    assert calls == [512 - prompt]
+    with pytest.raises(TunesmithError, match="the model's context is 512: shorten it"):
+        generate(model, tok, [{"role": "user", "content": "cats " * 600}], max_new_tokens=4)

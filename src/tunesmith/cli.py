@@ -168,8 +168,8 @@ def cmd_chat(args) -> int:
         try:
             reply = generate(model, tok, history, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                              stream=True, template=template)
-        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session (the turn is dropped)
-            print("\n(stopped)")
+        except (KeyboardInterrupt, TunesmithError) as e:  # Ctrl-C, or a conversation past the context: the turn
+            print(f"\nerror: {e}; /reset starts over" if str(e) else "\n(stopped)")  # is dropped, the session goes on
             history.pop()
             continue
         history.append({"role": "assistant", "content": reply})

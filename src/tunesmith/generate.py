@@ -44,6 +44,16 @@ def chat_prompt_ids(tok, messages: list[dict], template: str = "chat") -> torch.
     return tok(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
 
 
+def config_context(cfg) -> int | None:
+    """A transformers config's context in tokens (None when it declares none)."""
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def generate(model, tok, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stream: bool = False, template: str = "chat") -> str:
     """Reply to `messages`; greedy when temperature is 0. With stream=True, tokens print as they come.
@@ -51,6 +61,13 @@ def generate(model, tok, messages: list[dict], max_new_tokens: int = 128, temper
     from transformers import TextStreamer
     from .devices import model_device
     ids = chat_prompt_ids(tok, messages, template).to(model_device(model))
+    context = config_context(getattr(model, "config", None))
+    if context is not None:  # past it a model with learned positions fails, and a rotary one degrades
+        if ids.shape[1] >= context:
+            from .errors import TunesmithError
+            raise TunesmithError(f"the prompt is {ids.shape[1]} tokens, and the model's context is {context}: "
+                                 "shorten it")
+        max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,

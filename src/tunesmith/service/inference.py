@@ -149,12 +149,8 @@ def context_length(spec: str) -> int | None:
         cfg = AutoConfig.from_pretrained(resolve_model(spec), local_files_only=True)
     except (OSError, ValueError, KeyError):  # no readable config: only max_tokens bounds the work
         return None
-    cfg = getattr(cfg, "text_config", None) or cfg
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    from ..generate import config_context
+    return config_context(cfg)
 
 
 def completion_id() -> str:
