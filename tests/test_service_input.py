@@ -233,6 +233,11 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
     ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [  # a text model must not answer as if no image were sent
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "look:"},
+                                                {"type": "input_audio", "input_audio": {}}]}]}, "messages[0].content[1].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
     ({"seed": "abc"}, "seed"),
     ({"seed": 2**70}, "seed"),
     ({"stream": "yes"}, "stream"),

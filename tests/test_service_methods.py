@@ -48,7 +48,7 @@ def client(server):
 
 def test_a_dpo_job_runs_end_to_end(client, tmp_path):
     f = upload(client, tmp_path, [json.dumps(r) for r in dpo_rows()], "prefs.jsonl")
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="dpo", seed=1, method={
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, validation_file=f.id, suffix="dpo", seed=1, method={
         "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}})
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
     done = wait(client, job.id)
@@ -57,6 +57,8 @@ def test_a_dpo_job_runs_end_to_end(client, tmp_path):
     metrics = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
     assert len(metrics) == 3 and all(m.data["train_loss"] > 0 for m in metrics)  # 12 pairs, batch 4
     assert "train_reward_margin" in metrics[0].data and 0 <= metrics[0].data["train_mean_token_accuracy"] <= 1
+    last = max(metrics, key=lambda m: m.data["step"]).data  # the validation file, evaluated at the epoch end
+    assert last["valid_loss"] > 0 and 0 <= last["valid_accuracy"] <= 1 and "valid_reward_margin" in last
     reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4, temperature=0,
                                            messages=[{"role": "user", "content": "Tell me about owls."}])
     assert reply.choices[0].message.content is not None
@@ -69,7 +71,7 @@ def test_a_reinforcement_job_with_a_grader_runs_end_to_end(client, tmp_path, ser
                   "reference": "{{item.answer}}", "operation": "eq"},
         "close": {"type": "text_similarity", "name": "close", "input": "{{sample.output_text}}",
                   "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"}}}
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="rl", method={
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, validation_file=f.id, suffix="rl", method={
         "type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
             "batch_size": 4, "compute_multiplier": 0.5}}})
     done = wait(client, job.id, timeout=600)
@@ -79,6 +81,7 @@ def test_a_reinforcement_job_with_a_grader_runs_end_to_end(client, tmp_path, ser
     assert saved == grader
     metrics = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
     assert len(metrics) == 3 and all(0 <= m.data["train_reward"] <= 1 for m in metrics)
+    assert 0 <= max(metrics, key=lambda m: m.data["step"]).data["valid_reward"] <= 1  # the validation file's
     reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4, temperature=0,
                                            messages=[{"role": "user", "content": "What is 2 + 2?"}])
     assert reply.choices[0].message.content is not None

@@ -40,10 +40,16 @@ def chat_request(body: ChatCompletionCreate) -> ChatRequest:
     """What generation needs of a validated body: text messages (content parts joined, developer as system),
     OpenAI's defaults filled in."""
     messages = []
-    for m in body.messages:
+    for i, m in enumerate(body.messages):
         content = m.content or ""
-        if isinstance(content, list):  # content parts: the text ones are what a text model reads
-            content = "".join(p.text or "" for p in content if p.type == "text")
+        if isinstance(content, list):  # content parts: a text model reads text parts, and refuses the others
+            for j, part in enumerate(content):  # (an image dropped silently would be answered as if never sent)
+                if part.type != "text":
+                    raise ChatRequestError(f"content part type {part.type!r} is not supported: the models this "
+                                           "server runs read text only", f"messages[{i}].content[{j}].type")
+                if part.text is None:
+                    raise ChatRequestError("a text content part needs its 'text'", f"messages[{i}].content[{j}].text")
+            content = "".join(p.text for p in content)
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     n, stream = body.n or 1, bool(body.stream)
     if stream and n > 1:

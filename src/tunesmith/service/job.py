@@ -232,8 +232,9 @@ class Reporter:
         job_id, step, total = self.job["id"], event.step, event.total_steps
         metrics = {"step": step, "train_loss": event.loss, "train_mean_token_accuracy": event.accuracy,
                    **{f"train_{k}": v for k, v in event.extra.items()}}  # DPO's reward margin, RL's mean reward
-        if event.eval:
-            metrics.update(valid_loss=event.eval["eval_loss"], valid_mean_token_accuracy=event.eval["eval_token_accuracy"])
+        if event.eval:  # every objective's held-out numbers: SFT's token accuracy, DPO's pair accuracy and margin, ...
+            metrics.update({"valid_mean_token_accuracy" if k == "eval_token_accuracy" else f"valid_{k[5:]}": v
+                            for k, v in event.eval.items() if k.startswith("eval_") and isinstance(v, (int, float))})
         self.store.add_event(job_id, f"Step {step}/{total}: training loss={event.loss:.4f}", type_="metrics",
                              data={**metrics, "total_steps": total})
         self.last_metrics = metrics
