@@ -364,3 +364,54 @@ def test_generation_stays_inside_the_model_s_context(lm_dir):
     assert calls == [512 - prompt]
     with pytest.raises(TunesmithError, match="the model's context is 512: shorten it"):
         generate(model, tok, [{"role": "user", "content": "cats " * 600}], max_new_tokens=4)
+
+
+def test_a_truncated_or_corrupt_model_is_a_clear_error(tmp_path, encoder_dir, capsys):
+    import shutil
+    broken = tmp_path / "my model #2"
+    shutil.copytree(encoder_dir, broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(5000)  # a copy cut short
+    gguf = tmp_path / "cut short.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    for model, message in ((broken, "cannot be loaded (SafetensorError"), (gguf, "cannot be read as GGUF")):
+        assert main(["inspect", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    import tunesmith.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    assert main(["inspect", "anything"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; nothing half-written was left"
+
+
+def test_interpolate_tables_and_names(finished, tmp_path, capsys):
+    """--out replaces an earlier sweep's files but no file of the user's; an --eval name given twice is refused
+    (the second set used to replace the first silently)."""
+    run, data = finished
+    args = ["interpolate", "--finetuned", str(run), "--alphas", "0,1", "--missing", "finetuned", "--eval", f"a={data}"]
+    assert main([*args, "--eval", f"a={data}", "--out", str(tmp_path / "s")]) == 2
+    assert "--eval name 'a' is given twice" in capsys.readouterr().err
+    sweep = tmp_path / "sweep"
+    assert main([*args, "--out", str(sweep)]) == 0 and main([*args, "--out", str(sweep)]) == 0  # its own: redrawn
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "interpolation.csv").write_text("my own table\n")
+    assert main([*args, "--out", str(mine)]) == 2
+    assert "exists" in capsys.readouterr().err and (mine / "interpolation.csv").read_text() == "my own table\n"
+
+
+def test_weak_outputs_never_go_inside_a_run(finished, tmp_path, capsys):
+    from test_weak import TOPIC_RULES, topic_rows
+    run, _ = finished
+    data = write_jsonl(tmp_path / "d.jsonl", topic_rows(10, 0, labelled=True))
+    (tmp_path / "rules.yaml").write_text(TOPIC_RULES)
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["weak", "label", "--functions", str(tmp_path / "rules.yaml"), "--data", data,
+                 "--out", str(run / "metrics.jsonl"), "--overwrite"]) == 2
+    assert "is inside the tunesmith run" in capsys.readouterr().err and (run / "metrics.jsonl").read_text() == before

@@ -409,6 +409,9 @@ def test_kohya_strict_refuses_unmapped_keys(sd, tmp_path):
     with pytest.raises(TunesmithError, match="which this command reads"):  # --out holding the source file
         import_kohya(file, sd, tmp_path, overwrite=True)
     assert file.exists()
+    with pytest.raises(TunesmithError, match="is inside .*which this command reads"):  # inside the base pipeline
+        import_kohya(file, sd, sd / "unet", overwrite=True)
+    assert (sd / "unet" / "config.json").exists()
 
 
 def test_kohya_sgm_named_unet_keys_map_as_diffusers_maps_them(sd, tmp_path):

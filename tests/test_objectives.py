@@ -284,14 +284,14 @@ def test_generate_without_the_training_file(tmp_path, lm_dir, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_generate_refuses_a_non_lm_run(tmp_path, encoder_dir):
+def test_generate_refuses_a_non_lm_run(tmp_path, encoder_dir, capsys):
     from tunesmith.cli import main
     train_f = write_jsonl(tmp_path / "cls.jsonl", class_rows(20))
     run = tmp_path / "run"
     assert main(["train", f"model.name={encoder_dir}", f"data.train={train_f}", "training.max_steps=1",
                  f"output.dir={run}", "--quiet"]) == 0
-    with pytest.raises(SystemExit, match="classification model, not a language model"):
-        main(["generate", str(run), "--prompt", "hi"])
+    assert main(["generate", str(run), "--prompt", "hi"]) == 2
+    assert "classification model, not a language model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("rows", [tagging_rows, regression_rows], ids=["token_classification", "regression"])

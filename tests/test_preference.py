@@ -381,6 +381,8 @@ def test_reward_model_trains_resumes_and_scores(tmp_path, lm_dir, capsys):
     rows = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "1 + 1", "completion": "2"}])
     assert main(["score", str(tmp_path / "rm"), "--data", rows]) == 0
     assert set(json.loads(capsys.readouterr().out.splitlines()[0])) == {"line", "score"}
+    assert main(["generate", str(tmp_path / "rm"), "--prompt", "hi"]) == 2  # it scores, it does not write
+    assert "reward model" in (err := capsys.readouterr().err) and "tunesmith score" in err
 
 
 def test_score_refuses_a_run_that_is_not_a_reward_model(tmp_path, lm_dir):

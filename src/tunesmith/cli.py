@@ -269,6 +269,8 @@ def cmd_interpolate(args) -> int:
         if "=" not in item:
             raise TunesmithError(f"--eval {item!r}: expected NAME=DATA, e.g. --eval ood=digits:all")
         name, spec = item.split("=", 1)
+        if name in evals:  # the later one would silently replace the earlier
+            raise TunesmithError(f"--eval name {name!r} is given twice; give each eval set its own name")
         evals[name] = spec
     result = run_sweep(args.finetuned, parse_alphas(args.alphas), evals, select=args.select, out=args.out,
                        save=args.save, overwrite=args.overwrite, missing=args.missing, batch_size=args.batch_size, base=args.base,
@@ -498,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     except TunesmithError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every output is written atomically: what was there before is as it was
+        print("\ninterrupted; nothing half-written was left", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

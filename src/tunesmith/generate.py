@@ -18,9 +18,12 @@ def load_generator(spec: str, device: str = "auto", template: str = "auto"):
     if (Path(spec) / "config.yaml").exists():
         from .train.artifacts import load_run
         run = load_run(spec, merge=True)
-        if run.info.task != "causal_lm":
-            raise SystemExit(f"{spec}: this run trained a {run.info.task} model, not a language model; "
-                             "use `tunesmith eval` instead of generate/chat")
+        if run.info.task != "causal_lm" or run.info.objective == "reward":
+            from .errors import TunesmithError
+            what = "reward model (it scores replies)" if run.info.objective == "reward" else f"{run.info.task} model"
+            fix = "tunesmith score RUN --data pairs.jsonl" if run.info.objective == "reward" else "tunesmith eval"
+            raise TunesmithError(f"{spec}: this run trained a {what}, not a language model that writes replies; "
+                                 f"use `{fix}` instead of generate/chat")
         model, tok = run.model, run.tokenizer
         trained = "raw" if run.info.format in ("prompt_completion", "text") else "chat"
     else:

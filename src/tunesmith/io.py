@@ -87,6 +87,22 @@ def is_run_folder(path: str | os.PathLike, strict: bool = False) -> bool:
     return all(found) if strict else any(found)
 
 
+def check_reads(path: Path, reads: tuple, what: str) -> None:
+    """Refuse an output folder that holds, or lies inside, a file or folder the command reads."""
+    from .errors import TunesmithError
+    here = Path(path).resolve()
+    read = next((Path(r).expanduser() for r in reads if r and Path(r).expanduser().exists()
+                 and Path(r).expanduser().resolve().is_relative_to(here)), None)
+    if read is not None:
+        raise TunesmithError(f"{path} holds {read}, which this command reads; writing the "
+                             f"{what} there would replace it. Choose another folder")
+    inside = next((Path(r).expanduser() for r in reads if r and Path(r).expanduser().is_dir()
+                   and here.is_relative_to(Path(r).expanduser().resolve())), None)
+    if inside is not None:
+        raise TunesmithError(f"{path} is inside {inside}, which this command reads; writing the {what} there "
+                             "could replace its files. Choose a folder outside it")
+
+
 def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, allow_run: bool = False,
                         reads: tuple = ()) -> None:
     """Refuse to write `what` into a folder that already holds something, unless `overwrite`; never replace a
@@ -95,11 +111,7 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, all
     from .errors import TunesmithError
     path = Path(path)
     here = path.resolve()
-    read = next((Path(r).expanduser() for r in reads if r and Path(r).expanduser().exists()
-                 and Path(r).expanduser().resolve().is_relative_to(here)), None)
-    if read is not None:
-        raise TunesmithError(f"{path} holds {read}, which this command reads; writing the "
-                             f"{what} there would replace it. Choose another folder")
+    check_reads(path, reads, what)
     if path.exists() and not path.is_dir():
         raise TunesmithError(f"{path} is a file, not a folder; choose another path for the {what}")
     run = next((p for p in path.resolve().parents if is_run_folder(p, strict=True)), None)

@@ -89,10 +89,10 @@ def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str
               overwrite: bool = False) -> dict:
     from .devices import resolve_device
     from .io import check_output_folder
+    from .train.artifacts import run_base_paths
     run_dir = Path(run_dir)
     # checked before the sweep: a refusal costs nothing
     if save:
-        from .train.artifacts import run_base_paths
         check_output_folder(save, overwrite, "interpolated model", allow_run=(Path(save) / "interpolation.json").exists(),
                             reads=(*run_base_paths(run_dir), base or "", *eval_sets.values()))
     if not eval_sets:
@@ -102,6 +102,11 @@ def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str
     check_select(select, list(eval_sets), alphas)
     if out and Path(out).exists() and not Path(out).is_dir():
         raise TunesmithError(f"--out {out} is a file, not a folder; choose a folder for the table and plot")
+    from .io import check_output_file
+    folder = Path(out) if out else run_dir / "interpolation"
+    for name in ("interpolation.csv", "interpolation.png", "interpolation.json"):  # an earlier sweep's are redrawn
+        check_output_file(folder / name, "interpolation sweep file", overwrite, tuple(eval_sets.values()),
+                          replaceable=_own_sweep_file)
     interp = Interpolator(run_dir, missing, base)
     interp.model.to(resolve_device(device))  # theta_0/theta_1 stay on the CPU and are copied in per alpha
     sets = {name: encode_eval_set(spec, interp.run) for name, spec in eval_sets.items()}
@@ -127,7 +132,8 @@ def run_sweep(run_dir: str | Path, alphas: list[float], eval_sets: dict[str, str
     if save:
         interp.set(best)
         result["saved"] = str(save_interpolated(interp, Path(save), best))
-    (out / "interpolation.json").write_text(json.dumps(result, indent=2))
+    from .io import atomic_write_text
+    atomic_write_text(out / "interpolation.json", json.dumps(result, indent=2))
     return result
 
 
@@ -156,11 +162,27 @@ def choose_alpha(rows: list[dict], names: list[str], select: str) -> float:
                                     -sum(r[f"{n}_loss"] for n in sets) / len(sets)))["alpha"]
 
 
+def _own_sweep_file(path: Path) -> bool:
+    """An earlier sweep's table, plot or summary: written again without --overwrite."""
+    from .io import is_tunesmith_plot
+    if path.suffix == ".png":
+        return is_tunesmith_plot(path)
+    try:
+        head = path.read_text()[:4000]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.startswith("alpha,") if path.suffix == ".csv" else '"best_alpha"' in head
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    import io as _io
+
+    from .io import atomic_write_text
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def save_interpolated(interp: Interpolator, target: Path, alpha: float) -> Path:
@@ -213,5 +235,6 @@ def plot_sweep(rows: list[dict], names: list[str], metric: str, path: Path, best
         ax.set(xlabel=f"{names[0]} {metric}", ylabel=f"{names[1]} {metric}", title="frontier (labels: alpha)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    from .io import plot_metadata
+    fig.savefig(path, metadata=plot_metadata(path))
     plt.close(fig)

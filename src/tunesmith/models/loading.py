@@ -111,7 +111,11 @@ def resolve_model(spec: str) -> Path:
         return _convert_gguf(path, spec) if path.suffix == ".gguf" else path
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _convert_gguf(path, path.stem.lower())
+        try:
+            return _convert_gguf(path, path.stem.lower())
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: gguf's reader fails deep inside
+            raise ModelNotFoundError(f"{path}: cannot be read as GGUF ({type(e).__name__}: {str(e)[:200]}); is the "
+                                     "file complete?") from None
     if path.is_dir() and (path / "config.json").exists():
         return path
     looked = [f"a packaged name ({', '.join([*PACKAGED, *VISION])})", f"a folder with config.json at {path}", "a .gguf file"]
@@ -150,7 +154,20 @@ def load_model(spec: str, task: str, num_labels: int | None = None, pooling: str
                head_dropout: float = 0.1, dtype: str = "float32"):
     """Load `spec` for a task: 'causal_lm' (AutoModelForCausalLM), or a backbone with a new head:
     'classification' / 'token_classification' (num_labels outputs) or 'regression' (one output); 'diffusion':
-    a diffusers pipeline folder's UNet and text encoder(s) (tunesmith.diffusion.pipeline.DiffusionModel)."""
+    a diffusers pipeline folder's UNet and text encoder(s) (tunesmith.diffusion.pipeline.DiffusionModel).
+    A folder or file that cannot be read (truncated, corrupt) is a ModelNotFoundError naming it."""
+    try:
+        return _load_model(spec, task, num_labels, pooling, head_dropout, dtype)
+    except TunesmithError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated safetensors / GGUF, a config.json that is not JSON, ...
+        raise ModelNotFoundError(f"model {spec!r} cannot be loaded ({type(e).__name__}: {str(e)[:300]}); if a "
+                                 "file of it is truncated or corrupt (.safetensors, .gguf, config.json), copy it "
+                                 "again") from None
+
+
+def _load_model(spec: str, task: str, num_labels: int | None = None, pooling: str = "mean",
+               head_dropout: float = 0.1, dtype: str = "float32"):
     from transformers import AutoModel, AutoModelForCausalLM
 
     from ..heads import TaskModel
