@@ -397,6 +397,10 @@ def test_kohya_alpha_must_be_one_finite_positive_number_and_0_means_rank(tmp_pat
             plan_import({**base, "lora_unet_0.alpha": torch.tensor(alpha)}, model, ImportReport("k.safetensors", "b"))
         assert str(e.value).startswith("k.safetensors: lora_unet_0.alpha: the alpha must be one finite number >= 0")
         assert got in str(e.value) and "re-export it" in str(e.value)
+    for key in base:  # a damaged factor: NaN would reach every image the module touches
+        damaged = {**base, key: torch.full_like(base[key], float("nan"))}
+        with pytest.raises(TunesmithError, match=f"k.safetensors: {key}: holds NaN or infinite values"):
+            plan_import(damaged, model, ImportReport("k.safetensors", "b"))
 
 
 def test_kohya_strict_refuses_unmapped_keys(sd, tmp_path):

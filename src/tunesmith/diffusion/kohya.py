@@ -216,6 +216,10 @@ def plan_import(tensors: dict[str, torch.Tensor], model: nn.Module, report: Impo
             continue
         module = model.get_submodule(module_name)
         A, B = tensors[keys[PAIR[0]]], tensors[keys[PAIR[1]]]
+        bad = next((keys[s] for s, t in zip(PAIR, (A, B)) if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:  # a NaN / inf factor would turn every image it touches into NaN
+            raise TunesmithError(f"{report.source}: {bad}: holds NaN or infinite values; the file is damaged: "
+                                 "re-export or re-download it")
         fitted = _fit(module, A, B)
         if isinstance(fitted, str):
             refuse([keys[s] for s in (*PAIR, "alpha") if s in keys], f"{read_as.get(stem, '')}{module_name}: {fitted}")

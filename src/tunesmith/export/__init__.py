@@ -47,7 +47,8 @@ def export_lora_gguf(run_dir: str | Path, out: str | Path, kind: str = "f16", lo
     from ..runinfo import read_run_info
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise TunesmithError(f"{run_dir}: no such run folder; --lora-gguf exports the adapter of a LoRA run")
+        raise TunesmithError(f"{run_dir}: " + ("a file, not a run folder" if run_dir.exists() else "no such run folder")
+                             + "; --lora-gguf exports the adapter of a LoRA run folder")
     if not (run_dir / "adapter").is_dir():
         raise TunesmithError(f"{run_dir}: no adapter/ folder; --lora-gguf exports a LoRA run's adapter (a full "
                              "fine-tune exports with --gguf)")
