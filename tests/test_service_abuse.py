@@ -84,6 +84,8 @@ def test_graders_nested_too_deep_or_with_unknown_fields_are_refused_and_store_no
     ("a / 0", "cannot be computed"),
     ("10 ** 10 ** 10", "cannot be computed"),
     ("log(a - 1)", "cannot be computed"),
+    ("a / a", "cannot be computed for the scores a=0"),  # a wrong answer scores 0: refused now, not mid-job
+    ("log(a)", "cannot be computed for the scores a=0"),
 ])
 def test_formulas_that_cannot_be_computed_are_refused_at_creation(http, rl_file, formula, message):
     grader = {"type": "multi", "graders": {"a": CHECK}, "calculate_output": formula}

@@ -104,13 +104,14 @@ def test_a_grader_that_fails_mid_job_names_its_formula_and_keeps_the_traceback_f
                                                                                                server):
     f = upload(client, tmp_path, [json.dumps(r) for r in arithmetic_rows()], "sums.jsonl")
     never = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "no such reply",
-             "operation": "eq"}  # scores 0: a / never divides by zero (the check at creation uses scores of 1)
-    grader = {"type": "multi", "calculate_output": "a / never", "graders": {"a": {**never, "operation": "ne"},
-                                                                          "never": never}}
+             "operation": "eq"}  # scores 0 while a scores 1: the denominator is 0 only then (creation checks the
+    formula = "a / (a + 2 * never - 1)"  # scores all at 1, all at 0 and all at 0.5, where it computes)
+    grader = {"type": "multi", "calculate_output": formula, "graders": {"a": {**never, "operation": "ne"},
+                                                                        "never": never}}
     job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={
         "type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 4}}})
     done = wait(client, job.id)
-    assert done.status == "failed" and "'a / never' cannot be computed for the scores a=1, never=0" in \
+    assert done.status == "failed" and f"'{formula}' cannot be computed for the scores a=1, never=0" in \
         done.error.message, done.error
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert not any("traceback" in json.dumps(e.data or {}).lower() for e in events)

@@ -173,7 +173,7 @@ def _depth(tree: ast.AST) -> int:
 def check_formula(formula: str, names: set[str], param: str) -> ast.Expression:
     """Parse an arithmetic formula over the sub-graders' names; anything else (attributes, calls other than
     min/max/abs/sqrt/log/exp/floor/ceil) is refused: it is data, never code. It must also compute with every
-    score at 1 (a constant 1/0 or 10**400 is refused now, not mid-job)."""
+    score at 1, at 0 and at 0.5 (1/0, 10**400, a/a or log(a) is refused now, not mid-job: a wrong answer scores 0)."""
     if len(formula) > MAX_FORMULA:
         raise GraderError(f"the formula has {len(formula)} characters; at most {MAX_FORMULA}", param)
     try:
@@ -195,7 +195,8 @@ def check_formula(formula: str, names: set[str], param: str) -> ast.Expression:
                                  *_OPS)) or (isinstance(node, ast.Constant) and (
                 isinstance(node.value, bool) or not isinstance(node.value, (int, float)))):
             raise GraderError(f"only arithmetic on the graders' scores is allowed, not {type(node).__name__}", param)
-    evaluate_formula(tree, dict.fromkeys(names, 1.0), formula, param)
+    for score in (1.0, 0.0, 0.5):
+        evaluate_formula(tree, dict.fromkeys(names, score), formula, param)
     return tree
 
 
