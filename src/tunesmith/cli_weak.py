@@ -60,8 +60,8 @@ def _out_path(args, suffixes: tuple[str, ...], what: str, replaceable=None) -> P
         raise ConfigError(f"--out {spec}: is a folder; give a file name like {out / ('weak' + suffixes[0])}")
     if out.suffix.lower() not in suffixes:
         raise ConfigError(f"--out {spec}: expected a {' / '.join(suffixes)} file, e.g. {out.with_suffix(suffixes[0])}")
-    from .io import is_run_folder
-    run = next((p for p in out.resolve().parents if is_run_folder(p, strict=True)), None)
+    from .io import enclosing_run
+    run = enclosing_run(out)
     if run is not None:  # metrics.jsonl, config.yaml ...: a run's own files are never replaced by labels or plots
         raise ConfigError(f"--out {spec}: is inside the tunesmith run {run}; choose a file outside it")
     inputs = (args.data, getattr(args, "gold", None), *[f.split(":")[0] for f in args.functions])

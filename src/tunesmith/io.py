@@ -87,20 +87,27 @@ def is_run_folder(path: str | os.PathLike, strict: bool = False) -> bool:
     return all(found) if strict else any(found)
 
 
+def _existing(reads: tuple) -> list[Path]:
+    """The paths a command reads that exist, `~` expanded (as the commands themselves read them)."""
+    return [Path(r).expanduser() for r in reads if r and Path(r).expanduser().exists()]
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The tunesmith run folder `path` lies inside, if any."""
+    return next((p for p in Path(path).resolve().parents if is_run_folder(p, strict=True)), None)
+
+
 def check_reads(path: Path, reads: tuple, what: str) -> None:
     """Refuse an output folder that holds, or lies inside, a file or folder the command reads."""
     from .errors import TunesmithError
     here = Path(path).resolve()
-    read = next((Path(r).expanduser() for r in reads if r and Path(r).expanduser().exists()
-                 and Path(r).expanduser().resolve().is_relative_to(here)), None)
-    if read is not None:
-        raise TunesmithError(f"{path} holds {read}, which this command reads; writing the "
-                             f"{what} there would replace it. Choose another folder")
-    inside = next((Path(r).expanduser() for r in reads if r and Path(r).expanduser().is_dir()
-                   and here.is_relative_to(Path(r).expanduser().resolve())), None)
-    if inside is not None:
-        raise TunesmithError(f"{path} is inside {inside}, which this command reads; writing the {what} there "
-                             "could replace its files. Choose a folder outside it")
+    for read in _existing(reads):
+        if read.resolve().is_relative_to(here):
+            raise TunesmithError(f"{path} holds {read}, which this command reads; writing the "
+                                 f"{what} there would replace it. Choose another folder")
+        if read.is_dir() and here.is_relative_to(read.resolve()):
+            raise TunesmithError(f"{path} is inside {read}, which this command reads; writing the {what} there "
+                                 "could replace its files. Choose a folder outside it")
 
 
 def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, allow_run: bool = False,
@@ -114,7 +121,7 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, what: str, all
     check_reads(path, reads, what)
     if path.exists() and not path.is_dir():
         raise TunesmithError(f"{path} is a file, not a folder; choose another path for the {what}")
-    run = next((p for p in path.resolve().parents if is_run_folder(p, strict=True)), None)
+    run = enclosing_run(path)
     if run is not None:
         raise TunesmithError(f"{path} is inside the tunesmith run {run}; writing the {what} there could replace the "
                              "run's own files. Choose a folder outside it")
@@ -161,7 +168,7 @@ def check_output_file(path: str | os.PathLike, what: str, overwrite: bool | None
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give a file name for the {what}")
-    if any(r and Path(r).expanduser().exists() and Path(r).expanduser().resolve() == path.resolve() for r in reads):
+    if any(r.resolve() == path.resolve() for r in _existing(reads)):
         raise ConfigError(f"{path} is an input of this command; writing the {what} there would replace it. "
                           "Choose another file")
     if path.exists() and not overwrite and not (replaceable is not None and replaceable(path)):
